@@ -1,0 +1,32 @@
+# Two commands do all the set-up (see README):
+#   make run  DATA_DIR=../shared/data   # environment + the main job on the default tracking store
+#   make test DATA_DIR=../shared/data   # environment + the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA_DIR ?=
+ifneq ($(strip $(DATA_DIR)),)
+export FEWSHOT_DATA_DIR := $(abspath $(DATA_DIR))
+endif
+
+.PHONY: setup run test lint ui clean-store
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+run: setup
+	$(BIN)/python -m entrypoints.baseline --model cnn
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check .
+
+ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port 5000

@@ -1,0 +1,39 @@
+"""Supervised baseline (MLP1, MLP2 or the report's CNN) on the labeled draw."""
+
+import click
+
+from fewshot.augment import AUGMENT_CHOICES
+from fewshot.baseline import BaselineConfig, run_baseline
+from fewshot.cli import FewshotCommand, common_options, draw_options
+from fewshot.models import CLASSIFIERS
+from fewshot.train import OPTIMIZERS, SCHEDULES, FitConfig
+
+
+@click.command(cls=FewshotCommand)
+@common_options(epochs=1000, lr=3e-3, batch_size=75)
+@click.option("--model", type=click.Choice(list(CLASSIFIERS)), default="cnn", show_default=True)
+@click.option("--augment", type=click.Choice(AUGMENT_CHOICES), default="online", show_default=True)
+@click.option("--augment-strength", type=click.FloatRange(0, 3), default=1.0, show_default=True)
+@click.option("--optimizer", type=click.Choice([o for o in OPTIMIZERS if o != "lbfgs"]), default="adamw", show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0, max=1), default=1e-4, show_default=True)
+@click.option("--schedule", type=click.Choice(SCHEDULES), default="onecycle", show_default=True)
+@click.option("--patience", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Epochs without validation-loss improvement before stopping (0: train all epochs, keep the best).")
+@click.option("--min-delta", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--checkpoint-dir", default="", help="Also keep the best checkpoint in this folder.")
+def main(**opts) -> None:
+    draw = draw_options(opts)
+    opts.pop("debug")
+    fit = FitConfig(
+        optimizer=opts.pop("optimizer"), lr=opts.pop("lr"), weight_decay=opts.pop("weight_decay"),
+        batch_size=opts.pop("batch_size"), epochs=opts.pop("epochs"), patience=opts.pop("patience"),
+        min_delta=opts.pop("min_delta"), schedule=opts.pop("schedule"),
+    )  # fmt: skip
+    checkpoint_dir = opts.pop("checkpoint_dir") or None
+    result = run_baseline(BaselineConfig(**opts, **draw, fit=fit), checkpoint_dir=checkpoint_dir)
+    click.echo(f"{opts['model']}: test top-1 {result['test_top1']:.4f}, validation top-1 {result['val_top1']:.4f} "
+               f"(run {result['run_id']})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The supervised baselines on the labeled draw: the report's MLP1, MLP2 and CNN."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from fewshot import augment as aug
+from fewshot import plots, tracking
+from fewshot.data import MNIST, LabeledDraw, draw_labels, load_mnist, to_unit
+from fewshot.device import configure_threads, pick_device, seed_everything
+from fewshot.errors import UserError
+from fewshot.evaluate import confusion_matrix, predict_logits, topk_accuracy
+from fewshot.models import CLASSIFIERS, build_classifier
+from fewshot.train import FitConfig, fit
+
+
+@dataclass
+class BaselineConfig:
+    model: str = "cnn"
+    augment: str = "online"
+    augment_strength: float = 1.0
+    seed: int = 0
+    data_dir: str | None = None
+    labels_per_class: int | None = 10
+    n_labels: int | None = None
+    run_name: str | None = None
+    device: str = "auto"
+    fit: FitConfig = field(default_factory=FitConfig)
+
+    def validate(self) -> None:
+        if self.model not in CLASSIFIERS:
+            raise UserError(f"--model {self.model}: unknown model; choose one of {', '.join(CLASSIFIERS)}")
+        aug.check_augment(self.augment)
+        if not 0 <= self.augment_strength <= 3:
+            raise UserError(f"--augment-strength {self.augment_strength}: must be between 0 and 3")
+        self.fit.validate()
+
+    def params(self) -> dict:
+        flat = {k: v for k, v in asdict(self).items() if k != "fit"}
+        flat.update(asdict(self.fit))
+        flat.pop("progress")
+        return flat
+
+
+@dataclass
+class LabeledTensors:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def labeled_tensors(mnist: MNIST, draw: LabeledDraw, device: torch.device) -> LabeledTensors:
+    return LabeledTensors(
+        x_train=to_unit(mnist.train_images[draw.train_idx], device),
+        y_train=mnist.train_labels[draw.train_idx].to(device),
+        x_val=to_unit(mnist.train_images[draw.val_idx], device),
+        y_val=mnist.train_labels[draw.val_idx].to(device),
+        x_test=to_unit(mnist.test_images, device),
+        y_test=mnist.test_labels.to(device),
+    )
+
+
+def augmentation_grid(x: torch.Tensor, augment_fn, generator: torch.Generator, title: str):
+    originals = x[:8]
+    rows = [originals] + [augment_fn(originals, generator) for _ in range(4)]
+    return plots.image_grid_figure(rows, ["original"] + [f"augmented #{i + 1}" for i in range(4)], title)
+
+
+def evaluate_split(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[int, float], torch.Tensor]:
+    logits = predict_logits(model, x)
+    return topk_accuracy(logits, y), confusion_matrix(y.cpu(), logits.argmax(1).cpu())
+
+
+def run_baseline(cfg: BaselineConfig, checkpoint_dir: str | Path | None = None) -> dict[str, float]:
+    """Train one baseline on one label draw, log everything to MLflow, return the test metrics."""
+    cfg.validate()
+    configure_threads()
+    device = pick_device(cfg.device)
+    mnist = load_mnist(cfg.data_dir)
+    draw = draw_labels(mnist.train_labels, cfg.seed, cfg.labels_per_class, cfg.n_labels)
+    generator = seed_everything(cfg.seed, device)
+    data = labeled_tensors(mnist, draw, device)
+    x_train, y_train = data.x_train, data.y_train
+    spec = aug.AffineSpec().scaled(cfg.augment_strength)
+    augment_fn = aug.OnlineAffine(spec) if cfg.augment == "online" else None
+    if cfg.augment == "offline":
+        x_train, y_train = aug.offline_expand(x_train, y_train, generator)
+    model = build_classifier(cfg.model).to(device)
+    run_name = cfg.run_name or f"baseline-{cfg.model}-seed{cfg.seed}"
+    tags = {"job": "baseline", "model": cfg.model, "seed": cfg.seed}
+    started = time.perf_counter()
+    with tracking.start_run(run_name=run_name, tags=tags) as tracker:
+        tracker.log_params({**cfg.params(), "device": str(device), "n_train": x_train.shape[0]})
+        tracker.log_draw(draw, mnist.source)
+        if cfg.augment != "none":
+            shown = augment_fn or (lambda x, g: random_report_transform(x, g))
+            tracker.log_figure(
+                augmentation_grid(data.x_train, shown, torch.Generator(device).manual_seed(cfg.seed), f"augment={cfg.augment}"),
+                "augmentation/grid.png",
+            )
+        result = fit(
+            model, (x_train, y_train), (data.x_val, data.y_val), cfg.fit, generator,
+            augment=augment_fn, on_epoch=tracker.epoch_logger(),
+        )  # fmt: skip
+        val_topk, _ = evaluate_split(model, data.x_val, data.y_val)
+        test_topk, test_matrix = evaluate_split(model, data.x_test, data.y_test)
+        wall = time.perf_counter() - started
+        tracker.log_metrics({f"val_top{k}": v for k, v in val_topk.items()})
+        tracker.log_evaluation("test", test_topk, test_matrix, f"{cfg.model}, seed {cfg.seed}: test confusion")
+        tracker.log_metrics({"best_epoch": result.best_epoch + 1, "epochs_run": result.epochs_run, "wall_seconds": wall})
+        tracker.log_figure(
+            plots.learning_curves_figure(result.history, f"{cfg.model}, seed {cfg.seed}", result.best_epoch),
+            "evaluation/learning_curves.png",
+        )
+        with _scratch(checkpoint_dir) as folder:
+            path = Path(folder) / "best.pt"
+            torch.save({"kind": "fewshot-classifier", "model": cfg.model, "state_dict": model.state_dict()}, path)
+            tracker.log_checkpoint(path)
+        tracker.log_torch_model(model, "model", {"kind": "classifier", "model": cfg.model})
+    return {"test_top1": test_topk[1], "val_top1": val_topk[1], "wall_seconds": wall, "run_id": tracker.run_id}
+
+
+def random_report_transform(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One of the report's offline transforms, for the augmentation grid."""
+    return aug.random_affine(x, aug.REPORT_TRANSFORMS["pipeline"], generator)
+
+
+def _scratch(folder: str | Path | None):
+    import contextlib
+    import tempfile
+
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        return contextlib.nullcontext(str(folder))
+    return tempfile.TemporaryDirectory()

@@ -1,0 +1,32 @@
+"""Device, precision, threads and seeding, chosen in one place."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def configure_threads() -> None:
+    """Use every core for intra-op work (the CPU default is sometimes half); respect an
+    explicit OMP_NUM_THREADS."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(os.cpu_count() or 1)
+
+
+def seed_everything(seed: int, device: torch.device) -> torch.Generator:
+    """Seed Python, NumPy and torch; return the generator that drives shuffling and augmentation."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator

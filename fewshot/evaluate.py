@@ -1,0 +1,67 @@
+"""Top-k accuracy, confusion matrices, feature extraction and the weighted kNN probe."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot.data import NUM_CLASSES
+
+
+def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 2, 3, 4, 5)) -> dict[int, float]:
+    """Share of rows whose target is among the k highest scores, for each k.
+
+    Ties are broken by ``torch.topk``'s order; k larger than the number of classes
+    counts every row as correct.
+    """
+    n_classes = logits.shape[1]
+    kmax = min(max(ks), n_classes)
+    top = logits.topk(kmax, dim=1).indices  # (N, kmax)
+    hits = top.eq(targets.view(-1, 1))  # (N, kmax), at most one True per row
+    cumulative = hits.cumsum(dim=1).clamp(max=1).float().mean(dim=0)  # accuracy at k = 1..kmax
+    return {k: float(cumulative[min(k, kmax) - 1]) for k in ks}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    return predict_logits(encoder, x, batch_size)
+
+
+def confusion_matrix(targets: torch.Tensor, predictions: torch.Tensor, n_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """Counts with true classes on rows and predicted classes on columns."""
+    flat = targets.long() * n_classes + predictions.long()
+    return torch.bincount(flat.cpu(), minlength=n_classes * n_classes).view(n_classes, n_classes)
+
+
+def per_class_accuracy(matrix: torch.Tensor) -> torch.Tensor:
+    return matrix.diag().float() / matrix.sum(dim=1).clamp(min=1).float()
+
+
+def knn_scores(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_features: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.1,
+    n_classes: int = NUM_CLASSES,
+    chunk: int = 2048,
+) -> torch.Tensor:
+    """Class scores of a cosine-similarity kNN with exp(sim / T) weighted votes."""
+    bank = F.normalize(train_features, dim=1)
+    k = min(k, bank.shape[0])
+    scores = []
+    for start in range(0, query_features.shape[0], chunk):
+        q = F.normalize(query_features[start : start + chunk], dim=1)
+        sim, idx = (q @ bank.T).topk(k, dim=1)
+        weights = (sim / temperature).exp()
+        votes = torch.zeros(q.shape[0], n_classes, device=q.device)
+        votes.scatter_add_(1, train_labels[idx], weights)
+        scores.append(votes)
+    return torch.cat(scores)

@@ -1,0 +1,167 @@
+"""The report's classifiers (MLP1, MLP2, CNN) and encoders for 28x28 digits.
+
+Every model takes float images in [0, 1] of shape (N, 1, 28, 28) and normalises them
+itself with MNIST's mean and standard deviation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+from fewshot.data import MNIST_MEAN, MNIST_STD, NUM_CLASSES
+from fewshot.errors import UserError
+
+
+class Normalize(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - MNIST_MEAN) / MNIST_STD
+
+
+class MLP1(nn.Module):
+    """784-512-128-64-10, ReLU then batch-norm after each hidden layer (as the report)."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            Normalize(),
+            nn.Flatten(),
+            nn.Linear(784, 512), nn.ReLU(), nn.BatchNorm1d(512),
+            nn.Linear(512, 128), nn.ReLU(), nn.BatchNorm1d(128),
+            nn.Linear(128, 64), nn.ReLU(), nn.BatchNorm1d(64),
+            nn.Linear(64, num_classes),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class MLP2(nn.Module):
+    """784-128-64-10, ReLU then batch-norm after each hidden layer (as the report)."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            Normalize(),
+            nn.Flatten(),
+            nn.Linear(784, 128), nn.ReLU(), nn.BatchNorm1d(128),
+            nn.Linear(128, 64), nn.ReLU(), nn.BatchNorm1d(64),
+            nn.Linear(64, num_classes),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _conv_bn_relu_pool(c_in: int, c_out: int, padding: int | str) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=padding), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)
+    )
+
+
+class ReportCNN(nn.Module):
+    """The report's CNN: three conv-BN-ReLU-pool blocks (32, 64, 128) then 512-128-64-10
+    with batch-norm before each hidden ReLU."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            Normalize(),
+            _conv_bn_relu_pool(1, 32, "same"),  # 28 -> 14
+            _conv_bn_relu_pool(32, 64, 0),  # 14 -> 12 -> 6
+            _conv_bn_relu_pool(64, 128, 0),  # 6 -> 4 -> 2
+            nn.Flatten(),
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(128 * 2 * 2, 128), nn.BatchNorm1d(128), nn.ReLU(),
+            nn.Linear(128, 64), nn.BatchNorm1d(64), nn.ReLU(),
+            nn.Linear(64, num_classes),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+CLASSIFIERS = {"mlp1": MLP1, "mlp2": MLP2, "cnn": ReportCNN}
+
+
+def build_classifier(name: str) -> nn.Module:
+    if name not in CLASSIFIERS:
+        raise UserError(f"--model {name}: unknown model; choose one of {', '.join(CLASSIFIERS)}")
+    return CLASSIFIERS[name]()
+
+
+# ---------------------------------------------------------------- encoders
+
+
+class DigitEncoder(nn.Module):
+    """A small conv encoder for 28x28 digits: 3x3 stem, no early max-pool.
+
+    ``width`` scales the channels (32, 64, 128 at width 32); the output is the
+    global-average-pooled feature vector of size ``feature_dim``.
+    """
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        w = width
+
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+        self.body = nn.Sequential(
+            Normalize(),
+            *block(1, w), *block(w, w),  # 28x28
+            nn.MaxPool2d(2),
+            *block(w, 2 * w), *block(2 * w, 2 * w),  # 14x14
+            nn.MaxPool2d(2),
+            *block(2 * w, 4 * w), *block(4 * w, 4 * w),  # 7x7
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )  # fmt: skip
+        self.feature_dim = 4 * w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class ResNetEncoder(nn.Module):
+    """torchvision ResNet adapted to 1x28x28: 3x3 stride-1 stem, no max-pool, no fc."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        factory = {18: torchvision.models.resnet18, 50: torchvision.models.resnet50}[depth]
+        net = factory(weights=None)
+        net.conv1 = nn.Conv2d(1, 64, 3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+        self.feature_dim = net.fc.in_features
+        net.fc = nn.Identity()
+        self.net = nn.Sequential(Normalize(), net)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+ENCODERS = {
+    "digit": lambda width: DigitEncoder(width),
+    "resnet18": lambda width: ResNetEncoder(18),
+    "resnet50": lambda width: ResNetEncoder(50),
+}
+
+
+def build_encoder(arch: str, width: int = 32) -> nn.Module:
+    if arch not in ENCODERS:
+        raise UserError(f"--arch {arch}: unknown encoder; choose one of {', '.join(ENCODERS)}")
+    return ENCODERS[arch](width)
+
+
+class EncoderClassifier(nn.Module):
+    """An encoder with a linear head: what the probes and semi-supervised training produce."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.feature_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))

@@ -1,0 +1,256 @@
+"""One supervised fit loop, shared by the baselines and the linear / fine-tune probes."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from fewshot.errors import TrainingDiverged, UserError
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "adadelta", "adagrad", "lbfgs")
+SCHEDULES = ("onecycle", "cosine", "constant")
+
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+EpochCallback = Callable[[int, dict[str, float]], None]
+CheckpointCallback = Callable[[dict], None]
+
+
+@dataclass
+class FitConfig:
+    optimizer: str = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 75
+    epochs: int = 1000
+    patience: int = 0  # 0 disables early stopping
+    min_delta: float = 0.0
+    schedule: str = "onecycle"
+    label_smoothing: float = 0.0
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"--optimizer {self.optimizer}: unknown optimizer; choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"--schedule {self.schedule}: choose one of {', '.join(SCHEDULES)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"--lr {self.lr}: must be a positive number")
+        if self.weight_decay < 0:
+            raise UserError(f"--weight-decay {self.weight_decay}: must be >= 0")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size {self.batch_size}: must be >= 1")
+        if self.epochs < 1:
+            raise UserError(f"--epochs {self.epochs}: must be >= 1")
+        if self.patience < 0:
+            raise UserError(f"--patience {self.patience}: must be >= 0 (0 turns early stopping off)")
+        if self.min_delta < 0:
+            raise UserError(f"--min-delta {self.min_delta}: must be >= 0")
+
+
+class EarlyStopping:
+    """Stop when the validation loss has not improved by ``min_delta`` for ``patience``
+    epochs in a row; remembers the best weights so the caller can restore them."""
+
+    def __init__(self, patience: int, min_delta: float = 0.0) -> None:
+        self.patience = patience
+        self.min_delta = min_delta
+        self.best_loss = math.inf
+        self.best_epoch = -1
+        self.bad_epochs = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def update(self, epoch: int, loss: float, model: nn.Module) -> bool:
+        """Record one epoch's validation loss; True when this is the new best."""
+        if loss < self.best_loss - self.min_delta:
+            self.best_loss = loss
+            self.best_epoch = epoch
+            self.bad_epochs = 0
+            self.best_state = copy.deepcopy(model.state_dict())
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {
+            "best_loss": self.best_loss,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "best_state": self.best_state,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_loss = state["best_loss"]
+        self.best_epoch = state["best_epoch"]
+        self.bad_epochs = state["bad_epochs"]
+        self.best_state = state["best_state"]
+
+
+def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    params = list(params)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    if name == "adadelta":
+        return torch.optim.Adadelta(params, lr=lr, weight_decay=weight_decay)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr, weight_decay=weight_decay)
+    if name == "lbfgs":
+        return torch.optim.LBFGS(params, lr=lr, max_iter=20, history_size=10, line_search_fn="strong_wolfe")
+    raise UserError(f"--optimizer {name}: unknown optimizer; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def make_scheduler(
+    name: str, optimizer: torch.optim.Optimizer, lr: float, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    if name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(total_steps, 2))
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> tuple[float, float]:
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, x.shape[0], batch_size):
+        logits = model(x[start : start + batch_size])
+        target = y[start : start + batch_size]
+        total_loss += F.cross_entropy(logits, target, reduction="sum").item()
+        correct += (logits.argmax(1) == target).sum().item()
+    return total_loss / x.shape[0], correct / x.shape[0]
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = -1
+    best_val_loss: float = math.inf
+    stopped_early: bool = False
+    epochs_run: int = 0
+
+
+def fit(
+    model: nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    config: FitConfig,
+    generator: torch.Generator,
+    augment: Augment | None = None,
+    on_epoch: EpochCallback | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
+    resume_state: dict | None = None,
+    params: Iterable[nn.Parameter] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``train`` with early stopping on ``val``; restores the best weights.
+
+    ``generator`` drives shuffling and augmentation, so a seeded generator gives the same
+    run twice on the same CPU. ``on_checkpoint`` receives the full loop state after each
+    epoch; passing it back as ``resume_state`` continues from there.
+    """
+    config.validate()
+    x_train, y_train = train
+    x_val, y_val = val
+    n = x_train.shape[0]
+    batch_size = min(config.batch_size, n)
+    steps_per_epoch = math.ceil(n / batch_size)
+    trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    optimizer = make_optimizer(config.optimizer, trainable, config.lr, config.weight_decay)
+    scheduler = make_scheduler(config.schedule, optimizer, config.lr, config.epochs * steps_per_epoch)
+    stopper = EarlyStopping(config.patience, config.min_delta)
+    result = FitResult()
+    start_epoch = 0
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        stopper.load_state_dict(resume_state["stopper"])
+        generator.set_state(resume_state["generator"])
+        result.history = list(resume_state["history"])
+        start_epoch = resume_state["epoch"] + 1
+
+    bar = tqdm(range(start_epoch, config.epochs), desc="fit", disable=not config.progress, leave=False)
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(n, generator=generator, device=generator.device)
+        loss_sum, correct = 0.0, 0
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            xb, yb = x_train[idx], y_train[idx]
+            if augment is not None:
+                xb = augment(xb, generator)
+
+            def closure(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> torch.Tensor:
+                optimizer.zero_grad(set_to_none=True)
+                loss_ = F.cross_entropy(model(xb), yb, label_smoothing=config.label_smoothing)
+                loss_.backward()
+                return loss_
+
+            if config.optimizer == "lbfgs":
+                optimizer.step(closure)
+                with torch.no_grad():
+                    logits = model(xb)
+                    loss = F.cross_entropy(logits, yb)
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                logits = model(xb)
+                loss = F.cross_entropy(logits, yb, label_smoothing=config.label_smoothing)
+                loss.backward()
+                optimizer.step()
+            scheduler.step()
+            if not math.isfinite(loss.item()):
+                raise TrainingDiverged(
+                    f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower --lr (now {config.lr})"
+                )
+            loss_sum += loss.item() * idx.numel()
+            correct += (logits.argmax(1) == yb).sum().item()
+        val_loss, val_acc = evaluate_loss(model, x_val, y_val)
+        improved = stopper.update(epoch, val_loss, model)
+        metrics = {
+            "train_loss": loss_sum / n,
+            "train_acc": correct / n,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        result.history.append(metrics)
+        bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val=f"{val_loss:.3f}", best=stopper.best_epoch + 1)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        if on_checkpoint is not None:
+            on_checkpoint(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "stopper": stopper.state_dict(),
+                    "generator": generator.get_state(),
+                    "history": result.history,
+                    "epoch": epoch,
+                    "improved": improved,
+                }
+            )
+        if stopper.should_stop:
+            result.stopped_early = True
+            break
+    result.epochs_run = len(result.history)
+    result.best_epoch = stopper.best_epoch
+    result.best_val_loss = stopper.best_loss
+    if stopper.best_state is not None:
+        model.load_state_dict(stopper.best_state)
+    model.eval()
+    return result
