@@ -14,11 +14,18 @@ from fewshot.train import OPTIMIZERS, SCHEDULES, FitConfig
 @click.option("--model", type=click.Choice(list(CLASSIFIERS)), default="cnn", show_default=True)
 @click.option("--augment", type=click.Choice(AUGMENT_CHOICES), default="online", show_default=True)
 @click.option("--augment-strength", type=click.FloatRange(0, 3), default=1.0, show_default=True)
-@click.option("--optimizer", type=click.Choice([o for o in OPTIMIZERS if o != "lbfgs"]), default="adamw", show_default=True)
+@click.option(
+    "--optimizer", type=click.Choice([o for o in OPTIMIZERS if o != "lbfgs"]), default="adamw", show_default=True
+)
 @click.option("--weight-decay", type=click.FloatRange(min=0, max=1), default=1e-4, show_default=True)
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="onecycle", show_default=True)
-@click.option("--patience", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Epochs without validation-loss improvement before stopping (0: train all epochs, keep the best).")
+@click.option(
+    "--patience",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Epochs without validation-loss improvement before stopping (0: train all epochs, keep the best).",
+)
 @click.option("--min-delta", type=click.FloatRange(min=0), default=0.0, show_default=True)
 @click.option("--checkpoint-dir", default="", help="Also keep the best checkpoint in this folder.")
 def main(**opts) -> None:

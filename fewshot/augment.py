@@ -77,9 +77,7 @@ def random_affine(x: torch.Tensor, spec: AffineSpec, generator: torch.Generator)
     angle = _uniform(n, -spec.rotation, spec.rotation, generator, device)
     scale = _uniform(n, spec.scale[0], spec.scale[1], generator, device)
     shear = _uniform(n, -spec.shear, spec.shear, generator, device)
-    translate = torch.stack(
-        [_uniform(n, -spec.translate, spec.translate, generator, device) for _ in range(2)], dim=1
-    )
+    translate = torch.stack([_uniform(n, -spec.translate, spec.translate, generator, device) for _ in range(2)], dim=1)
     return warp(x, affine_matrices(angle, scale, shear, translate))
 
 
@@ -144,9 +142,7 @@ def gaussian_blur(x: torch.Tensor, probability: float, sigma_max: float, generat
     return torch.where(apply.view(n, 1, 1, 1), blurred, x)
 
 
-def random_erase(
-    x: torch.Tensor, probability: float, max_fraction: float, generator: torch.Generator
-) -> torch.Tensor:
+def random_erase(x: torch.Tensor, probability: float, max_fraction: float, generator: torch.Generator) -> torch.Tensor:
     """Zero one random square per selected image, of up to ``max_fraction`` of the side."""
     n, _, h, w = x.shape
     device = x.device

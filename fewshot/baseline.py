@@ -102,7 +102,9 @@ def run_baseline(cfg: BaselineConfig, checkpoint_dir: str | Path | None = None) 
         if cfg.augment != "none":
             shown = augment_fn or (lambda x, g: random_report_transform(x, g))
             tracker.log_figure(
-                augmentation_grid(data.x_train, shown, torch.Generator(device).manual_seed(cfg.seed), f"augment={cfg.augment}"),
+                augmentation_grid(
+                    data.x_train, shown, torch.Generator(device).manual_seed(cfg.seed), f"augment={cfg.augment}"
+                ),
                 "augmentation/grid.png",
             )
         result = fit(
@@ -114,7 +116,9 @@ def run_baseline(cfg: BaselineConfig, checkpoint_dir: str | Path | None = None) 
         wall = time.perf_counter() - started
         tracker.log_metrics({f"val_top{k}": v for k, v in val_topk.items()})
         tracker.log_evaluation("test", test_topk, test_matrix, f"{cfg.model}, seed {cfg.seed}: test confusion")
-        tracker.log_metrics({"best_epoch": result.best_epoch + 1, "epochs_run": result.epochs_run, "wall_seconds": wall})
+        tracker.log_metrics(
+            {"best_epoch": result.best_epoch + 1, "epochs_run": result.epochs_run, "wall_seconds": wall}
+        )
         tracker.log_figure(
             plots.learning_curves_figure(result.history, f"{cfg.model}, seed {cfg.seed}", result.best_epoch),
             "evaluation/learning_curves.png",

@@ -49,7 +49,9 @@ def _open_idx(path: Path) -> bytes:
         try:
             return gzip.decompress(raw)
         except (OSError, EOFError) as exc:
-            raise UserError(f"{path}: the gzip file is corrupt or truncated ({exc}); replace it with a fresh copy") from exc
+            raise UserError(
+                f"{path}: the gzip file is corrupt or truncated ({exc}); replace it with a fresh copy"
+            ) from exc
     return raw
 
 
@@ -212,7 +214,9 @@ def draw_labels(
     labels_np = labels.numpy()
     if labels_per_class is not None:
         if labels_per_class < 2:
-            raise UserError(f"--labels-per-class {labels_per_class}: must be at least 2 (one train and one validation image per class)")
+            raise UserError(
+                f"--labels-per-class {labels_per_class}: must be at least 2 (one train and one validation image per class)"
+            )
         chosen = []
         for digit in range(NUM_CLASSES):
             pool = np.flatnonzero(labels_np == digit)

@@ -9,7 +9,9 @@ from torch import nn
 from fewshot.data import NUM_CLASSES
 
 
-def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 2, 3, 4, 5)) -> dict[int, float]:
+def topk_accuracy(
+    logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 2, 3, 4, 5)
+) -> dict[int, float]:
     """Share of rows whose target is among the k highest scores, for each k.
 
     Ties are broken by ``torch.topk``'s order; k larger than the number of classes

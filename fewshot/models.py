@@ -55,9 +55,7 @@ class MLP2(nn.Module):
 
 
 def _conv_bn_relu_pool(c_in: int, c_out: int, padding: int | str) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=padding), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)
-    )
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=padding), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2))
 
 
 class ReportCNN(nn.Module):
