@@ -117,7 +117,13 @@ def make_scheduler(
     name: str, optimizer: torch.optim.Optimizer, lr: float, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
     if name == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(total_steps, 2))
+        # one peak per parameter group: groups given their own lr (fine-tuning) keep their ratio
+        max_lr = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
+        # Adadelta, Adagrad and L-BFGS have no momentum for one-cycle to cycle
+        cycle_momentum = "momentum" in optimizer.defaults or "betas" in optimizer.defaults
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=max_lr, total_steps=max(total_steps, 2), cycle_momentum=cycle_momentum
+        )
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -133,6 +139,14 @@ def evaluate_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size
         total_loss += F.cross_entropy(logits, target, reduction="sum").item()
         correct += (logits.argmax(1) == target).sum().item()
     return total_loss / x.shape[0], correct / x.shape[0]
+
+
+def _trainable(params: Iterable) -> list:
+    """Parameters that require grad; parameter groups (dicts with their own "lr") pass through, filtered."""
+    items = list(params)
+    if items and isinstance(items[0], dict):
+        return [{**group, "params": [p for p in group["params"] if p.requires_grad]} for group in items]
+    return [p for p in items if p.requires_grad]
 
 
 @dataclass
@@ -168,7 +182,7 @@ def fit(
     n = x_train.shape[0]
     batch_size = min(config.batch_size, n)
     steps_per_epoch = math.ceil(n / batch_size)
-    trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    trainable = _trainable(params if params is not None else model.parameters())
     optimizer = make_optimizer(config.optimizer, trainable, config.lr, config.weight_decay)
     scheduler = make_scheduler(config.schedule, optimizer, config.lr, config.epochs * steps_per_epoch)
     stopper = EarlyStopping(config.patience, config.min_delta)
@@ -233,16 +247,18 @@ def fit(
             on_epoch(epoch, metrics)
         if on_checkpoint is not None:
             on_checkpoint(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "stopper": stopper.state_dict(),
-                    "generator": generator.get_state(),
-                    "history": result.history,
-                    "epoch": epoch,
-                    "improved": improved,
-                }
+                copy.deepcopy(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "stopper": stopper.state_dict(),
+                        "generator": generator.get_state(),
+                        "history": result.history,
+                        "epoch": epoch,
+                        "improved": improved,
+                    }
+                )  # a snapshot: the live tensors keep changing after this epoch
             )
         if stopper.should_stop:
             result.stopped_early = True

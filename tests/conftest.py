@@ -1,0 +1,77 @@
+"""Shared fixtures: synthetic IDX data, a temporary SQLite tracking store, the real MNIST."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.synthetic import write_mnist_folder
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+REAL_DATA_CANDIDATES = [os.environ.get("FEWSHOT_DATA_DIR", ""), str(PROJECT_ROOT.parent / "shared" / "data")]
+
+
+@pytest.fixture(scope="session")
+def synthetic_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with 600 train and 200 test synthetic digits as gzip IDX files."""
+    return write_mnist_folder(tmp_path_factory.mktemp("synthetic_mnist"))
+
+
+@pytest.fixture(scope="session")
+def _migrated_store_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty, fully migrated MLflow SQLite database, made once (migrations take seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("store_template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _migrated_store_template: Path) -> str:
+    """A fresh SQLite MLflow store in a temp dir, selected through MLFLOW_TRACKING_URI."""
+    shutil.copy(_migrated_store_template, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    """The real MNIST IDX folder (../shared/data); tests that need it skip without it."""
+    from fewshot.data import find_idx_folder
+
+    for candidate in REAL_DATA_CANDIDATES:
+        if candidate and find_idx_folder(Path(candidate)) is not None:
+            return Path(candidate)
+    pytest.skip("real MNIST not found: set FEWSHOT_DATA_DIR or provide ../shared/data")
+
+
+def run_cli(
+    module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """Run ``python -m <module> args`` in a fresh process, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("MLFLOW_RUN_ID", None)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=PROJECT_ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
