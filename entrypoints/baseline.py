@@ -10,7 +10,7 @@ from fewshot.train import OPTIMIZERS, SCHEDULES, FitConfig
 
 
 @click.command(cls=FewshotCommand)
-@common_options(epochs=1000, lr=3e-3, batch_size=75)
+@common_options(epochs=1000, lr=3e-3, batch_size=100)
 @click.option("--model", type=click.Choice(list(CLASSIFIERS)), default="cnn", show_default=True)
 @click.option("--augment", type=click.Choice(AUGMENT_CHOICES), default="online", show_default=True)
 @click.option("--augment-strength", type=click.FloatRange(0, 3), default=1.0, show_default=True)
@@ -27,6 +27,8 @@ from fewshot.train import OPTIMIZERS, SCHEDULES, FitConfig
     help="Epochs without validation-loss improvement before stopping (0: train all epochs, keep the best).",
 )
 @click.option("--min-delta", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--refit", type=click.BOOL, default=True, show_default=True,
+              help="After early stopping on the 75/25 split, retrain on all labeled images for as many epochs.")
 @click.option("--checkpoint-dir", default="", help="Also keep the best checkpoint in this folder.")
 def main(**opts) -> None:
     draw = draw_options(opts)

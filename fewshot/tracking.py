@@ -6,11 +6,14 @@ import contextlib
 import json
 import os
 import re
+import socket
 import subprocess
 import tempfile
 import time
 import warnings
 from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 STORE_DIR = PROJECT_ROOT / "mlruns"
 DEFAULT_EXPERIMENT = "fewshot"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
+PID_TAG = "fewshot.pid"
+HOST_TAG = "fewshot.host"
+_STEP_TAGS: ContextVar[dict[str, Any] | None] = ContextVar("fewshot_step_tags", default=None)
 
 
 def default_tracking_uri() -> str:
@@ -103,10 +109,13 @@ def configure(experiment: str | None = None) -> str:
         STORE_DIR.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    launched_experiment = os.environ.get("MLFLOW_EXPERIMENT_ID") if os.environ.get("MLFLOW_RUN_ID") else None
     try:
         client = MlflowClient()
         found = client.get_experiment_by_name(name)
-        if found is None:
+        if launched_experiment:  # `mlflow run` created the run in this experiment: stay in it
+            experiment_id = launched_experiment
+        elif found is None:
             artifact_location = default_artifact_root() + f"/{name}" if uri == default_tracking_uri() else None
             try:
                 experiment_id = client.create_experiment(name, artifact_location=artifact_location)
@@ -272,8 +281,13 @@ def start_run(
     parent_run_id: str | None = None,
     tags: dict[str, Any] | None = None,
 ) -> Iterator[Tracker]:
-    """Start (or resume, with ``run_id``) a run; it ends FINISHED, FAILED, or KILLED on Ctrl-C."""
-    if not nested and parent_run_id is None:
+    """Start (or resume, with ``run_id``) a run; it ends FINISHED, FAILED, or KILLED on Ctrl-C.
+
+    Started while another run is active in this thread (a workflow step), it nests under it.
+    """
+    if mlflow.active_run() is not None:
+        nested = True
+    elif parent_run_id is None:
         configure(experiment)
     kwargs: dict[str, Any] = {"run_name": run_name, "nested": nested}
     if run_id is not None:
@@ -283,8 +297,13 @@ def start_run(
     run = mlflow.start_run(**kwargs)
     tracker = Tracker(run)
     try:
-        base_tags = {"git_commit": git_commit(), "tracking_uri": redact(mlflow.get_tracking_uri())}
-        tracker.set_tags({**base_tags, **(tags or {})})
+        base_tags = {
+            "git_commit": git_commit(),
+            "tracking_uri": redact(mlflow.get_tracking_uri()),
+            PID_TAG: os.getpid(),
+            HOST_TAG: socket.gethostname(),
+        }
+        tracker.set_tags({**base_tags, **(_STEP_TAGS.get() or {}), **(tags or {})})
         try:
             yield tracker
         finally:
@@ -297,3 +316,285 @@ def start_run(
         raise
     else:
         mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+# ---------------------------------------------------------------- model registry
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+SCORE_TAG = "val_score"
+
+
+def _version_score(client: MlflowClient, name: str, version: str) -> float | None:
+    tags = client.get_model_version(name, version).tags
+    try:
+        return float(tags[SCORE_TAG])
+    except (KeyError, ValueError):
+        return None
+
+
+def register_model_version(model_uri: str, name: str, score: float, tags: dict[str, Any] | None = None) -> tuple[str, str]:
+    """Register ``model_uri`` as a new version of ``name`` and give it an alias.
+
+    ``score`` is the validation measure (higher is better, labeled training data only),
+    stored as the version tag ``val_score``. The new version takes the ``champion`` alias
+    when there is no champion or it beats the champion's score; otherwise it becomes the
+    ``challenger``. Returns (version, alias).
+    """
+    client = MlflowClient()
+    all_tags = {key: _param_text(value) for key, value in {**(tags or {}), SCORE_TAG: f"{score:.6f}"}.items()}
+    version = mlflow.register_model(model_uri, name, tags=all_tags).version
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+        champion_score = _version_score(client, name, champion.version)
+    except MlflowException:
+        champion, champion_score = None, None
+    if champion is None or champion_score is None or score > champion_score:
+        alias = CHAMPION
+    else:
+        alias = CHALLENGER
+    client.set_registered_model_alias(name, alias, version)
+    return version, alias
+
+
+# ---------------------------------------------------------------- reading logged models back
+
+MODEL_URI_FORMS = "models:/<name>@<alias>, models:/<name>/<version>, runs:/<run_id>/<model name>"
+_REGISTRY_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
+_REGISTRY_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
+_LOGGED_MODEL_ID = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]+)$")
+_RUN_MODEL = re.compile(r"^runs:/(?P<run_id>[^/]+)/(?P<path>.+)$")
+
+
+def is_mlflow_uri(text: str) -> bool:
+    return text.startswith(("models:", "runs:"))
+
+
+def _registry_hint(client: MlflowClient, name: str) -> str:
+    """What exists under ``name``: its aliases and versions, or the registered model names."""
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        names = [m.name for m in client.search_registered_models(max_results=20)]
+        if not names:
+            return "no model is registered in this store yet: run `mlflow run . -e moco_pretrain` or pass a checkpoint file"
+        return f"registered models here: {', '.join(names)}"
+    aliases = ", ".join(f"@{alias} -> {version}" for alias, version in sorted((model.aliases or {}).items()))
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'", max_results=200))
+    listed = ", ".join(str(v) for v in versions) or "none"
+    return f"{name} has aliases {aliases or 'none'} and versions {listed}; try models:/{name}@champion or models:/{name}/<version>"
+
+
+def _resolve_model_uri(client: MlflowClient, uri: str) -> tuple[str, str | None, str | None, str | None]:
+    """(download URI pinned to a version, registered name, version, source run id)."""
+    if match := _REGISTRY_ALIAS.match(uri):
+        name = match["name"]
+        found = client.get_model_version_by_alias(name, match["alias"])
+        return f"models:/{name}/{found.version}", name, str(found.version), found.run_id
+    if match := _REGISTRY_VERSION.match(uri):
+        name = match["name"]
+        found = client.get_model_version(name, match["version"])
+        return uri, name, str(found.version), found.run_id
+    if _LOGGED_MODEL_ID.match(uri):
+        return uri, None, None, None
+    if match := _RUN_MODEL.match(uri):
+        client.get_run(match["run_id"])  # a clear "Run ... not found" before the download
+        return uri, None, None, match["run_id"]
+    raise UserError(f"{uri}: not a model URI this project reads; use {MODEL_URI_FORMS}, or a checkpoint file path")
+
+
+@dataclass(frozen=True)
+class FetchedModel:
+    """A logged model's files downloaded to ``local_dir``, with where they came from."""
+
+    uri: str
+    local_dir: Path
+    registered_name: str | None
+    version: str | None
+    run_id: str | None
+
+
+def fetch_model_files(uri: str, dst: str | Path, option: str = "--encoder", store_uri: str | None = None) -> FetchedModel:
+    """Download the files of the MLflow model at ``uri`` (registry alias or version, logged model
+    id, or run URI) into ``dst`` without loading (unpickling) it.
+
+    An alias is resolved to its version first, so the files and the reported version agree even
+    if the alias moves meanwhile. Unknown names, versions, aliases and runs raise UserError with
+    MLflow's message and what exists instead. ``store_uri`` defaults to the project's store.
+    """
+    uri = uri.strip()
+    store = store_uri or tracking_uri()
+    mlflow.set_tracking_uri(store)
+    client = MlflowClient(tracking_uri=store)
+    try:
+        pinned, name, version, run_id = _resolve_model_uri(client, uri)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(dst), tracking_uri=store)
+    except MlflowException as exc:
+        hint = "check the run id in the MLflow UI" if uri.startswith("runs:") else ""
+        match = _REGISTRY_ALIAS.match(uri) or _REGISTRY_VERSION.match(uri)
+        if match is not None:
+            with contextlib.suppress(Exception):
+                hint = _registry_hint(client, match["name"])
+        if uri.startswith("runs:") and "Failed to download" in str(exc):
+            hint = "check the model name after the run id (moco_pretrain logs it as 'encoder')"
+        raise UserError(f"{option} {uri}: {_first_line(exc)}" + (f"; {hint}" if hint else "")) from exc
+    except UserError as exc:  # a malformed URI
+        raise UserError(f"{option} {exc}") from exc
+    except Exception as exc:  # connection errors from requests / sqlalchemy
+        raise UserError(
+            f"{option} {uri}: the tracking store {redact(store)} cannot be read ({type(exc).__name__}); "
+            f"check {TRACKING_ENV}"
+        ) from exc
+    local_dir = Path(local)
+    if run_id is None:
+        run_id = _mlmodel_run_id(local_dir)
+    return FetchedModel(uri=uri, local_dir=local_dir, registered_name=name, version=version, run_id=run_id)
+
+
+def _mlmodel_run_id(model_dir: Path) -> str | None:
+    path = model_dir / "MLmodel"
+    if not path.is_file():
+        return None
+    match = re.search(r"^run_id:\s*(\S+)\s*$", path.read_text(), re.MULTILINE)
+    return match.group(1) if match else None
+
+
+# ---------------------------------------------------------------- run states and lookups (HPO)
+
+
+def set_run_status(run_id: str, status: str, tags: dict[str, Any] | None = None) -> None:
+    """Tag a run and end it with ``status`` (FINISHED, FAILED or KILLED), from any thread or process."""
+    client = MlflowClient()
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, _param_text(value))
+    client.set_terminated(run_id, status)
+
+
+def run_state(run_id: str) -> tuple[str, dict[str, str]] | None:
+    """(status, tags) of a run, or None when it does not exist."""
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException:
+        return None
+    return run.info.status, dict(run.data.tags)
+
+
+def running_runs(experiment_id: str, tags: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
+    """(run id, tags) of the RUNNING runs of an experiment carrying all ``tags``."""
+    clauses = ["attributes.status = 'RUNNING'"] + [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+    runs = MlflowClient().search_runs([experiment_id], " and ".join(clauses), max_results=1000)
+    return [(run.info.run_id, dict(run.data.tags)) for run in runs]
+
+
+def find_model_version(name: str, tags: dict[str, str]) -> tuple[str, list[str]] | None:
+    """(version, its aliases) of the first version of ``name`` carrying all ``tags``, or None."""
+    client = MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name = '{name}'", max_results=1000)
+    except MlflowException:
+        return None
+    for version in versions:
+        if all(version.tags.get(k) == v for k, v in tags.items()):
+            aliases = [a for a, v in (client.get_registered_model(name).aliases or {}).items() if str(v) == str(version.version)]
+            return str(version.version), aliases
+    return None
+
+
+# ---------------------------------------------------------------- workflow support
+
+
+@contextlib.contextmanager
+def step_tags(tags: dict[str, Any]) -> Iterator[None]:
+    """Add ``tags`` to every run started inside the block (a workflow marks its step runs)."""
+    token = _STEP_TAGS.set({**(_STEP_TAGS.get() or {}), **tags})
+    try:
+        yield
+    finally:
+        _STEP_TAGS.reset(token)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_dead_runs() -> list[str]:
+    """Mark KILLED the RUNNING runs whose process (on this host) is gone, e.g. after SIGKILL.
+
+    Returns their ids. Runs from other hosts, or without our pid tag, are left alone.
+    """
+    client = MlflowClient()
+    host = socket.gethostname()
+    reaped = []
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    for run in client.search_runs(experiments, filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if tags.get(HOST_TAG) != host or not tags.get(PID_TAG, "").isdigit():
+            continue
+        if int(tags[PID_TAG]) != os.getpid() and not _pid_alive(int(tags[PID_TAG])):
+            client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
+            reaped.append(run.info.run_id)
+    return reaped
+
+
+def find_finished_run(tag: str, value: str) -> str | None:
+    """The newest FINISHED run carrying ``tag = value``, in any experiment."""
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(
+        experiments,
+        filter_string=f"tags.`{tag}` = '{value}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return found[0].info.run_id if found else None
+
+
+def run_summary(run_id: str) -> dict[str, Any]:
+    """Status, name, params, metrics and tags of one run, as plain dicts."""
+    run = MlflowClient().get_run(run_id)
+    return {
+        "run_id": run_id,
+        "status": run.info.status,
+        "run_name": run.info.run_name,
+        "params": dict(run.data.params),
+        "metrics": dict(run.data.metrics),
+        "tags": dict(run.data.tags),
+        "start_time": run.info.start_time,
+        "end_time": run.info.end_time,
+    }
+
+
+def latest_run_id(tag: str, value: str) -> str | None:
+    """The newest run (any status) carrying ``tag = value``."""
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(
+        experiments, filter_string=f"tags.`{tag}` = '{value}'", order_by=["attributes.start_time DESC"], max_results=1
+    )
+    return found[0].info.run_id if found else None
+
+
+def download_artifact(run_id: str, path: str, destination: str | Path) -> Path:
+    return Path(MlflowClient().download_artifacts(run_id, path, str(destination)))
+
+
+# ---------------------------------------------------------------- resumed runs (moco_pretrain)
+
+
+def logged_steps(run_id: str, key: str) -> set[int]:
+    """The steps at which ``key`` is already logged in ``run_id`` (a resumed run skips them)."""
+    return {m.step for m in MlflowClient().get_metric_history(run_id, key)}
+
+
+def run_exists(run_id: str) -> bool:
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException:
+        return False
+    return True

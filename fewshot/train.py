@@ -27,7 +27,7 @@ class FitConfig:
     optimizer: str = "adamw"
     lr: float = 3e-3
     weight_decay: float = 1e-4
-    batch_size: int = 75
+    batch_size: int = 100  # full batch for 75 (and, refitting, 100) labeled images
     epochs: int = 1000
     patience: int = 0  # 0 disables early stopping
     min_delta: float = 0.0
@@ -161,7 +161,7 @@ class FitResult:
 def fit(
     model: nn.Module,
     train: tuple[torch.Tensor, torch.Tensor],
-    val: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor] | None,
     config: FitConfig,
     generator: torch.Generator,
     augment: Augment | None = None,
@@ -172,13 +172,15 @@ def fit(
 ) -> FitResult:
     """Train ``model`` on ``train`` with early stopping on ``val``; restores the best weights.
 
+    With ``val`` None (a final fit on every labeled image) all epochs run and the last
+    weights are kept.
+
     ``generator`` drives shuffling and augmentation, so a seeded generator gives the same
     run twice on the same CPU. ``on_checkpoint`` receives the full loop state after each
     epoch; passing it back as ``resume_state`` continues from there.
     """
     config.validate()
     x_train, y_train = train
-    x_val, y_val = val
     n = x_train.shape[0]
     batch_size = min(config.batch_size, n)
     steps_per_epoch = math.ceil(n / batch_size)
@@ -232,17 +234,14 @@ def fit(
                 )
             loss_sum += loss.item() * idx.numel()
             correct += (logits.argmax(1) == yb).sum().item()
-        val_loss, val_acc = evaluate_loss(model, x_val, y_val)
-        improved = stopper.update(epoch, val_loss, model)
-        metrics = {
-            "train_loss": loss_sum / n,
-            "train_acc": correct / n,
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "lr": optimizer.param_groups[0]["lr"],
-        }
+        metrics = {"train_loss": loss_sum / n, "train_acc": correct / n, "lr": optimizer.param_groups[0]["lr"]}
+        improved = False
+        if val is not None:
+            metrics["val_loss"], metrics["val_acc"] = evaluate_loss(model, *val)
+            improved = stopper.update(epoch, metrics["val_loss"], model)
         result.history.append(metrics)
-        bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val=f"{val_loss:.3f}", best=stopper.best_epoch + 1)
+        bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val=f"{metrics.get('val_loss', math.nan):.3f}",
+                        best=stopper.best_epoch + 1)  # fmt: skip
         if on_epoch is not None:
             on_epoch(epoch, metrics)
         if on_checkpoint is not None:
