@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import socket
@@ -30,6 +31,8 @@ from fewshot.errors import UserError
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 warnings.filterwarnings("ignore", message=".*Pickle or CloudPickle format.*")
 warnings.filterwarnings("ignore", message=".*Hint: Inferred schema contains integer column.*")
+warnings.filterwarnings("ignore", message=".*dataset source can be interpreted in multiple ways.*")
+logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # the pickle-format caution: see log_torch_model
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 STORE_DIR = PROJECT_ROOT / "mlruns"

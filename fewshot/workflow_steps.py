@@ -1,0 +1,112 @@
+"""The steps of the `main` workflow and their two profiles (CPU defaults and --quick)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from fewshot import tracking
+from fewshot.baseline import BaselineConfig, run_baseline
+from fewshot.hpo import HpoConfig, run_hpo
+from fewshot.linear_eval import LinearEvalConfig, run_linear_eval
+from fewshot.pretrain import REGISTERED_MODEL, PretrainConfig, run_pretrain
+from fewshot.train import FitConfig
+from fewshot.workflow import Runner, Step, WorkflowConfig
+
+BASELINE_MODELS = ("mlp1", "mlp2", "cnn")
+PROBES = ("linear", "knn", "finetune")
+
+
+@dataclass(frozen=True)
+class Profile:
+    baseline_epochs: int
+    moco: PretrainConfig
+    linear_epochs: int
+    finetune_epochs: int
+    hpo_trials: int
+    hpo_budget: str
+    hpo_folds: int
+
+
+DEFAULT = Profile(
+    baseline_epochs=1000,
+    moco=PretrainConfig(),
+    linear_epochs=1000,
+    finetune_epochs=300,
+    hpo_trials=10,
+    hpo_budget="",
+    hpo_folds=5,
+)
+QUICK = Profile(
+    baseline_epochs=15,
+    moco=PretrainConfig(epochs=1, width=8, batch_size=64, bn_splits=4, moco_k=256, max_steps_per_epoch=8, knn_test=False),
+    linear_epochs=30,
+    finetune_epochs=3,
+    hpo_trials=3,
+    hpo_budget="20",
+    hpo_folds=3,
+)
+
+
+def _fit_params(fit: FitConfig) -> dict:
+    params = asdict(fit)
+    params.pop("progress")
+    return params
+
+
+def build_steps(cfg: WorkflowConfig, run: Runner) -> None:
+    """Baselines and probes on every draw; MoCo pretraining and the search once (seed ``cfg.seed``)."""
+    profile = QUICK if cfg.quick else DEFAULT
+    draws = range(cfg.seed, cfg.seed + cfg.draws)
+    progress = not cfg.quick
+
+    for seed in draws:
+        for model in BASELINE_MODELS:
+            baseline = BaselineConfig(
+                model=model, seed=seed, data_dir=cfg.data_dir, device=cfg.device,
+                fit=FitConfig(epochs=profile.baseline_epochs, progress=progress),
+            )  # fmt: skip
+
+            def run_one(baseline: BaselineConfig = baseline) -> str:
+                return run_baseline(baseline)["run_id"]
+
+            run(Step(f"baseline-{model}-draw{seed}", baseline.params(), run_one))
+
+    moco = replace(profile.moco, seed=cfg.seed, data_dir=cfg.data_dir, device=cfg.device, progress=progress)
+    moco_params = moco.params()
+    moco_step = Step("moco_pretrain", moco_params, lambda: "")
+    checkpoint_dir = tracking.STORE_DIR / "checkpoints" / f"workflow-{moco_step.key(run.code)}"
+    registered: dict = {}
+
+    def pretrain_and_register() -> str:
+        out = run_pretrain(moco, checkpoint_dir=checkpoint_dir, resume="auto", register=True)
+        return out["run_id"]
+
+    moco_run = run(Step("moco_pretrain", moco_params, pretrain_and_register))
+    registered["version"] = tracking.run_summary(moco_run)["tags"]["registered_version"]
+    encoder_uri = f"models:/{REGISTERED_MODEL}/{registered['version']}"
+
+    for seed in draws:
+        for probe in PROBES:
+            epochs = profile.finetune_epochs if probe == "finetune" else profile.linear_epochs
+            probe_cfg = LinearEvalConfig(
+                encoder=encoder_uri, probe=probe, seed=seed, data_dir=cfg.data_dir, device=cfg.device,
+                fit=FitConfig(epochs=epochs, lr=1e-3 if probe == "finetune" else 3e-3, progress=progress),
+            )  # fmt: skip
+
+            def run_probe(probe_cfg: LinearEvalConfig = probe_cfg) -> str:
+                return run_linear_eval(probe_cfg)["run_id"]
+
+            run(Step(f"linear_eval-{probe}-draw{seed}", probe_cfg.params(), run_probe))
+
+    hpo = HpoConfig(
+        target="linear", n_trials=profile.hpo_trials, encoder=encoder_uri, seed=cfg.seed, data_dir=cfg.data_dir,
+        folds=profile.hpo_folds, budget=profile.hpo_budget, device=cfg.device,
+    )  # fmt: skip
+    hpo_params = hpo.params()
+    hpo_step = Step("hpo-linear", hpo_params, lambda: "")
+    hpo.study_name = f"workflow-linear-{hpo_step.key(run.code)}"
+
+    def search() -> str:
+        return run_hpo(hpo).parent_run_id
+
+    run(Step("hpo-linear", hpo_params, search))
