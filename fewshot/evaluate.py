@@ -14,15 +14,16 @@ def topk_accuracy(
 ) -> dict[int, float]:
     """Share of rows whose target is among the k highest scores, for each k.
 
-    Ties are broken by ``torch.topk``'s order; k larger than the number of classes
-    counts every row as correct.
+    Classes are ranked by score, ties broken towards the lower class index (as ``argmax``
+    does, so top-1 always agrees with the confusion matrix); the target's rank is the number
+    of classes ahead of it. k larger than the number of classes counts every row as correct.
     """
-    n_classes = logits.shape[1]
-    kmax = min(max(ks), n_classes)
-    top = logits.topk(kmax, dim=1).indices  # (N, kmax)
-    hits = top.eq(targets.view(-1, 1))  # (N, kmax), at most one True per row
-    cumulative = hits.cumsum(dim=1).clamp(max=1).float().mean(dim=0)  # accuracy at k = 1..kmax
-    return {k: float(cumulative[min(k, kmax) - 1]) for k in ks}
+    target_scores = logits.gather(1, targets.view(-1, 1).long())  # (N, 1)
+    classes = torch.arange(logits.shape[1], device=logits.device).view(1, -1)
+    ahead = (logits > target_scores) | ((logits == target_scores) & (classes < targets.view(-1, 1)))
+    rank = ahead.sum(dim=1)  # 0 for the top class
+    rank[target_scores.view(-1).isnan()] = torch.iinfo(rank.dtype).max  # a NaN score is never a hit, at any k
+    return {k: float((rank < k).float().mean()) for k in ks}
 
 
 @torch.no_grad()

@@ -240,8 +240,10 @@ def fit(
             metrics["val_loss"], metrics["val_acc"] = evaluate_loss(model, *val)
             improved = stopper.update(epoch, metrics["val_loss"], model)
         result.history.append(metrics)
-        bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val=f"{metrics.get('val_loss', math.nan):.3f}",
-                        best=stopper.best_epoch + 1)  # fmt: skip
+        shown = {"loss": f"{metrics['train_loss']:.3f}"}
+        if val is not None:
+            shown.update(val=f"{metrics['val_loss']:.3f}", best=stopper.best_epoch + 1)
+        bar.set_postfix(shown)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
         if on_checkpoint is not None:

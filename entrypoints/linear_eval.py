@@ -1,0 +1,79 @@
+"""Probe a pretrained encoder on the labeled draw: linear protocol, weighted kNN or fine-tuning."""
+
+import click
+
+from fewshot.cli import FewshotCommand, common_options, draw_options
+from fewshot.embedding import METHODS as EMBEDDINGS
+from fewshot.encoder_source import DEFAULT_ENCODER
+from fewshot.linear_eval import AUGMENT_CHOICES, LinearEvalConfig, run_linear_eval
+from fewshot.probe import PROBES
+from fewshot.train import OPTIMIZERS, SCHEDULES, FitConfig
+
+
+@click.command(cls=FewshotCommand)
+@common_options(epochs=1000, lr=3e-3, batch_size=75)
+@click.option(
+    "--encoder",
+    default=DEFAULT_ENCODER,
+    show_default=True,
+    help="models:/<name>@<alias>, models:/<name>/<version>, runs:/<run_id>/encoder, or a moco_pretrain checkpoint file.",
+)
+@click.option("--probe", type=click.Choice(list(PROBES)), default="linear", show_default=True)
+@click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default="adamw", show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0, max=1), default=1e-4, show_default=True)
+@click.option("--schedule", type=click.Choice(SCHEDULES), default="onecycle", show_default=True)
+@click.option(
+    "--patience",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Epochs without validation-loss improvement before stopping (0: train all epochs, keep the best).",
+)
+@click.option(
+    "--standardize",
+    type=bool,
+    default=True,
+    show_default=True,
+    help="Standardise features with the training images' mean and std (folded into the logged head).",
+)
+@click.option(
+    "--augment",
+    type=click.Choice(AUGMENT_CHOICES),
+    default="auto",
+    show_default=True,
+    help="online: recompute features of randomly warped labeled images every step; auto: online for finetune only.",
+)
+@click.option("--augment-strength", type=click.FloatRange(0, 3), default=1.0, show_default=True)
+@click.option("--knn-k", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--knn-temperature", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True)
+@click.option(
+    "--encoder-lr-ratio",
+    type=click.FloatRange(min=0, min_open=True, max=10),
+    default=0.1,
+    show_default=True,
+    help="Fine-tuning: the encoder's learning rate is --lr times this.",
+)
+@click.option(
+    "--embedding",
+    type=click.Choice(EMBEDDINGS),
+    default="pca",
+    show_default=True,
+    help="2-D picture of the test features coloured by digit.",
+)
+def main(**opts) -> None:
+    draw = draw_options(opts)
+    opts.pop("debug")
+    fit = FitConfig(
+        optimizer=opts.pop("optimizer"), lr=opts.pop("lr"), weight_decay=opts.pop("weight_decay"),
+        batch_size=opts.pop("batch_size"), epochs=opts.pop("epochs"), patience=opts.pop("patience"),
+        schedule=opts.pop("schedule"),
+    )  # fmt: skip
+    result = run_linear_eval(LinearEvalConfig(**opts, **draw, fit=fit))
+    click.echo(
+        f"{result['probe']} probe: test top-1 {result['test_top1']:.4f}, top-5 {result['test_top5']:.4f}, "
+        f"validation top-1 {result['val_top1']:.4f}; head trained in {result['head_seconds']:.2f} s (run {result['run_id']})"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The linear classification protocol and the other probes of a pretrained encoder, as one job."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from fewshot import plots, tracking
+from fewshot.baseline import LabeledTensors, labeled_tensors
+from fewshot.data import NUM_CLASSES, draw_labels, load_mnist
+from fewshot.device import configure_threads, pick_device, seed_everything
+from fewshot.embedding import METHODS as EMBEDDINGS
+from fewshot.embedding import embedding_figure
+from fewshot.encoder_source import DEFAULT_ENCODER, EncoderSource, resolve_encoder
+from fewshot.errors import UserError
+from fewshot.evaluate import confusion_matrix, predict_logits, topk_accuracy
+from fewshot.probe import (
+    PROBES,
+    FeatureSet,
+    ProbeContext,
+    ProbeResult,
+    ProbeSettings,
+    cached_features,
+    encode,
+    run_probe,
+)
+from fewshot.train import FitConfig
+
+AUGMENT_CHOICES = ("auto", "none", "online")  # auto: none for linear and kNN, online for fine-tuning
+
+
+@dataclass
+class LinearEvalConfig:
+    encoder: str = DEFAULT_ENCODER
+    probe: str = "linear"
+    standardize: bool = True
+    augment: str = "auto"
+    augment_strength: float = 1.0
+    knn_k: int = 20
+    knn_temperature: float = 0.1
+    encoder_lr_ratio: float = 0.1
+    embedding: str = "pca"
+    seed: int = 0
+    data_dir: str | None = None
+    labels_per_class: int | None = 10
+    n_labels: int | None = None
+    run_name: str | None = None
+    device: str = "auto"
+    fit: FitConfig = field(default_factory=FitConfig)
+
+    def validate(self) -> None:
+        if self.probe not in PROBES:
+            raise UserError(f"--probe {self.probe}: unknown probe; choose one of {', '.join(PROBES)}")
+        if self.augment not in AUGMENT_CHOICES:
+            raise UserError(f"--augment {self.augment}: choose one of {', '.join(AUGMENT_CHOICES)}")
+        if self.probe == "knn" and self.augment == "online":
+            raise UserError("--augment online: the kNN probe trains nothing; drop --augment or use --probe linear")
+        if not 0 <= self.augment_strength <= 3:
+            raise UserError(f"--augment-strength {self.augment_strength}: must be between 0 and 3")
+        if self.knn_k < 1:
+            raise UserError(f"--knn-k {self.knn_k}: must be >= 1")
+        if not self.knn_temperature > 0:
+            raise UserError(f"--knn-temperature {self.knn_temperature}: must be > 0")
+        if not 0 < self.encoder_lr_ratio <= 10:
+            raise UserError(f"--encoder-lr-ratio {self.encoder_lr_ratio}: must be in (0, 10]")
+        if self.embedding not in EMBEDDINGS:
+            raise UserError(f"--embedding {self.embedding}: choose one of {', '.join(EMBEDDINGS)}")
+        if self.probe == "finetune" and self.fit.optimizer == "lbfgs":
+            raise UserError("--optimizer lbfgs: L-BFGS has one learning rate for all parameters; fine-tune with adamw")
+        self.fit.validate()
+
+    @property
+    def augmented(self) -> bool:
+        return self.augment == "online" or (self.augment == "auto" and self.probe == "finetune")
+
+    def settings(self) -> ProbeSettings:
+        return ProbeSettings(
+            fit=self.fit, standardize=self.standardize, augment=self.augmented,
+            augment_strength=self.augment_strength, knn_k=self.knn_k, knn_temperature=self.knn_temperature,
+            encoder_lr_ratio=self.encoder_lr_ratio,
+        )  # fmt: skip
+
+    def params(self) -> dict:
+        flat = {k: v for k, v in asdict(self).items() if k != "fit"}
+        flat.update(asdict(self.fit))
+        flat.pop("progress")
+        flat["augment"] = "online" if self.augmented else "none"
+        return flat
+
+
+def _head_spec(probe: str, feature_dim: int) -> dict:
+    kind = "knn_head" if probe == "knn" else "linear_head"
+    return {"kind": kind, "in_features": feature_dim, "num_classes": NUM_CLASSES, "probe": probe}
+
+
+def _embedding_features(result: ProbeResult, features: FeatureSet, x_test: torch.Tensor) -> torch.Tensor:
+    """Test features of the encoder the classifier uses (the fine-tuned one after fine-tuning)."""
+    if result.frozen:
+        return features.test
+    return torch.cat([encode(result.classifier.encoder, x_test[i : i + 1000]) for i in range(0, x_test.shape[0], 1000)])
+
+
+def run_linear_eval(cfg: LinearEvalConfig) -> dict:
+    """Probe one encoder on one label draw, log everything to MLflow, return the headline numbers."""
+    cfg.validate()
+    configure_threads()
+    device = pick_device(cfg.device)
+    mnist = load_mnist(cfg.data_dir)
+    draw = draw_labels(mnist.train_labels, cfg.seed, cfg.labels_per_class, cfg.n_labels)
+    encoder, source = resolve_encoder(cfg.encoder)  # before the run: a bad URI leaves no run behind
+    generator = seed_everything(cfg.seed, device)
+    started = time.perf_counter()
+    features = cached_features(encoder, mnist, draw, device)
+    images = labeled_tensors(mnist, draw, device)
+    run_name = cfg.run_name or f"linear_eval-{cfg.probe}-seed{cfg.seed}"
+    tags = {"job": "linear_eval", "probe": cfg.probe, "seed": cfg.seed, **source.tags()}
+    with tracking.start_run(run_name=run_name, tags=tags) as tracker:
+        tracker.log_params({**cfg.params(), **source.params(), "device": str(device)})
+        tracker.log_draw(draw, mnist.source)
+        ctx = ProbeContext(
+            encoder=encoder, features=features, images=images, settings=cfg.settings(), generator=generator,
+            device=device, mnist=mnist, draw=draw, on_epoch=tracker.epoch_logger(),
+        )  # fmt: skip
+        result = run_probe(cfg.probe, ctx)  # raises FrozenWeightsChanged if the loaded encoder moved
+        tracker.set_tags({"frozen_check": "passed" if result.frozen else "passed (fine-tuned a copy)"})
+        summary = log_probe_result(tracker, cfg, source, result, features, images)
+        summary["wall_seconds"] = time.perf_counter() - started
+        tracker.log_metrics({"wall_seconds": summary["wall_seconds"], "feature_seconds": features.seconds})
+    return {**summary, "run_id": tracker.run_id}
+
+
+def log_probe_result(
+    tracker: tracking.Tracker,
+    cfg: LinearEvalConfig,
+    source: EncoderSource,
+    result: ProbeResult,
+    features: FeatureSet,
+    images: LabeledTensors,
+) -> dict:
+    title = f"{cfg.probe} probe, seed {cfg.seed}"
+    val_topk = topk_accuracy(result.val_scores, features.y_val)
+    test_topk = topk_accuracy(result.test_scores, features.y_test)
+    val_matrix = confusion_matrix(features.y_val.cpu(), result.val_scores.argmax(1).cpu())
+    test_matrix = confusion_matrix(features.y_test.cpu(), result.test_scores.argmax(1).cpu())
+    tracker.log_evaluation("val", val_topk, val_matrix, f"{title}: validation confusion")
+    tracker.log_evaluation("test", test_topk, test_matrix, f"{title}: test confusion")
+    tracker.log_metrics({"head_seconds": result.head_seconds})
+    if result.fit is not None and result.fit.history:
+        tracker.log_metrics({"best_epoch": result.fit.best_epoch + 1, "epochs_run": result.fit.epochs_run})
+        tracker.log_figure(
+            plots.learning_curves_figure(result.fit.history, title, result.fit.best_epoch),
+            "evaluation/learning_curves.png",
+        )
+    if cfg.embedding != "none":
+        embedded = _embedding_features(result, features, images.x_test)
+        tracker.log_figure(
+            embedding_figure(embedded, features.y_test, cfg.embedding, f"{source.arch} features, {title}", cfg.seed),
+            f"evaluation/embedding_{cfg.embedding}.png",
+        )
+    # consistency of the logged classifier with the scores measured above (images in, scores out)
+    check = predict_logits(result.classifier, images.x_val)
+    if not torch.allclose(check, result.val_scores, rtol=1e-4, atol=1e-4):
+        raise RuntimeError("the classifier to be logged and the probe disagree on the validation images")
+    tracker.log_torch_model(result.head, "head", _head_spec(cfg.probe, features.feature_dim))
+    classifier_uri = tracker.log_torch_model(
+        result.classifier, "classifier",
+        {"kind": "encoder_classifier", "arch": source.arch, "width": source.width,
+         "feature_dim": features.feature_dim, "head": cfg.probe, "num_classes": NUM_CLASSES},
+    )  # fmt: skip
+    return {
+        "probe": cfg.probe,
+        "val_top1": val_topk[1],
+        **{f"test_top{k}": v for k, v in test_topk.items()},
+        "head_seconds": result.head_seconds,
+        "feature_seconds": features.seconds,
+        "classifier_uri": classifier_uri,
+    }

@@ -1,0 +1,345 @@
+"""Downstream probes of a pretrained encoder on the labeled draw: linear, kNN, fine-tuning.
+
+Each probe is a function ``ProbeContext -> ProbeResult`` in ``PROBES``; a new probe (say one
+that also uses the unlabeled pool, reachable through ``ctx.mnist`` and ``ctx.draw``) is one
+more entry. The linear protocol follows MoCo's: every encoder parameter frozen, batch-norm in
+eval mode, a linear head on the pooled features, and a check afterwards that the frozen
+weights are bit-identical to those loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from fewshot import augment as aug
+from fewshot.data import MNIST, NUM_CLASSES, LabeledDraw, to_unit
+from fewshot.evaluate import extract_features, knn_scores, predict_logits
+from fewshot.models import EncoderClassifier
+from fewshot.train import Augment, EpochCallback, FitConfig, FitResult, fit
+
+if TYPE_CHECKING:  # a plain dataclass; importing fewshot.baseline would pull in mlflow
+    from fewshot.baseline import LabeledTensors
+
+
+class FrozenWeightsChanged(RuntimeError):
+    """The frozen encoder's weights or batch-norm statistics moved during a frozen probe (a bug)."""
+
+
+# ---------------------------------------------------------------- features, computed once
+
+
+@dataclass
+class FeatureSet:
+    """Pooled features of the labeled train / validation images and the test set."""
+
+    train: torch.Tensor
+    y_train: torch.Tensor
+    val: torch.Tensor
+    y_val: torch.Tensor
+    test: torch.Tensor
+    y_test: torch.Tensor
+    seconds: float = 0.0
+
+    @property
+    def feature_dim(self) -> int:
+        return self.train.shape[1]
+
+
+@torch.no_grad()
+def encode(encoder: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Features of [0, 1] images (N, 1, 28, 28) with the encoder in eval mode."""
+    encoder.eval()
+    return extract_features(encoder, images, batch_size)
+
+
+@torch.no_grad()
+def cached_features(
+    encoder: nn.Module, mnist: MNIST, draw: LabeledDraw, device: torch.device | str, batch_size: int = 1000
+) -> FeatureSet:
+    """Features of the 75 train, 25 validation and 10,000 test images, computed once."""
+    started = time.perf_counter()
+    encoder = encoder.to(device).eval()
+
+    def features_of(images: torch.Tensor) -> torch.Tensor:
+        return torch.cat(
+            [
+                encode(encoder, to_unit(images[i : i + batch_size], device))
+                for i in range(0, images.shape[0], batch_size)
+            ]
+        )
+
+    result = FeatureSet(
+        train=features_of(mnist.train_images[draw.train_idx]),
+        y_train=mnist.train_labels[draw.train_idx].to(device),
+        val=features_of(mnist.train_images[draw.val_idx]),
+        y_val=mnist.train_labels[draw.val_idx].to(device),
+        test=features_of(mnist.test_images),
+        y_test=mnist.test_labels.to(device),
+    )
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+# ---------------------------------------------------------------- frozen weights
+
+
+def freeze(encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """Turn off gradients, switch to eval mode; return a snapshot of every weight and buffer."""
+    for parameter in encoder.parameters():
+        parameter.requires_grad_(False)
+    encoder.eval()
+    return {name: value.detach().clone() for name, value in encoder.state_dict().items()}
+
+
+def check_unchanged(encoder: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    """Raise FrozenWeightsChanged unless every tensor equals the snapshot bit for bit."""
+    state = encoder.state_dict()
+    moved = [name for name, value in snapshot.items() if not torch.equal(state[name], value)]
+    if set(state) != set(snapshot) or moved:
+        raise FrozenWeightsChanged(f"frozen encoder changed during the probe: {', '.join(moved[:5]) or 'keys differ'}")
+
+
+# ---------------------------------------------------------------- linear head
+
+
+class Standardize(nn.Module):
+    """(x - mean) / std with statistics fixed at construction."""
+
+    def __init__(self, features: torch.Tensor, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.register_buffer("mean", features.mean(dim=0))
+        self.register_buffer("std", features.std(dim=0, unbiased=False).clamp(min=eps))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def fold(head: nn.Module) -> nn.Linear:
+    """A plain nn.Linear on raw features equal to ``head`` (a Linear, or Standardize + Linear)."""
+    if isinstance(head, nn.Linear):
+        return head
+    standardize, linear = head[0], head[1]
+    folded = nn.Linear(linear.in_features, linear.out_features).to(linear.weight.device)
+    with torch.no_grad():
+        folded.weight.copy_(linear.weight / standardize.std)
+        folded.bias.copy_(linear.bias - (linear.weight * standardize.mean / standardize.std).sum(dim=1))
+    return folded
+
+
+def new_head(features: torch.Tensor, standardize: bool, generator: torch.Generator) -> nn.Module:
+    """A zero-bias linear head (seeded init), behind a standardisation fitted on ``features``."""
+    linear = nn.Linear(features.shape[1], NUM_CLASSES).to(features.device)
+    with torch.no_grad():
+        bound = 1 / features.shape[1] ** 0.5
+        weight = torch.rand(linear.weight.shape, generator=generator, device=generator.device) * 2 - 1
+        linear.weight.copy_((weight * bound).to(features.device))
+        linear.bias.zero_()
+    return nn.Sequential(Standardize(features), linear) if standardize else linear
+
+
+@contextlib.contextmanager
+def _few_threads(device: torch.device) -> Iterator[None]:
+    """One intra-op thread for the tiny matrices of a linear head on the CPU: threads only add
+    synchronisation there, and on a busy machine they made 1,000 epochs 20x slower (1.2 s vs 24 s)."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_linear_head(
+    features: FeatureSet,
+    cfg: FitConfig,
+    standardize: bool,
+    generator: torch.Generator,
+    on_epoch: EpochCallback | None = None,
+) -> tuple[nn.Linear, FitResult]:
+    """Fit a linear head on cached features with the shared loop (early stopping on the
+    validation labels); returns it folded into one nn.Linear on raw features."""
+    head = new_head(features.train, standardize, generator)
+    with _few_threads(features.train.device):
+        result = fit(head, (features.train, features.y_train), (features.val, features.y_val), cfg, generator,
+                     on_epoch=on_epoch)  # fmt: skip
+    return fold(head).eval(), result
+
+
+class FrozenEncoderHead(nn.Module):
+    """Frozen encoder (always in eval mode, no gradients) + trainable head, on images."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def train(self, mode: bool = True) -> FrozenEncoderHead:
+        super().train(mode)
+        self.encoder.eval()  # batch-norm keeps the pretrained statistics
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features = self.encoder(x)
+        return self.head(features)
+
+
+def train_linear_head_augmented(
+    encoder: nn.Module,
+    images: LabeledTensors,
+    features: FeatureSet,
+    cfg: FitConfig,
+    standardize: bool,
+    augment_fn: Augment,
+    generator: torch.Generator,
+    on_epoch: EpochCallback | None = None,
+) -> tuple[nn.Linear, FitResult]:
+    """The linear head trained on features of freshly augmented labeled images each step."""
+    head = new_head(features.train, standardize, generator)
+    model = FrozenEncoderHead(encoder, head)
+    result = fit(model, (images.x_train, images.y_train), (images.x_val, images.y_val), cfg, generator,
+                 augment=augment_fn, on_epoch=on_epoch, params=head.parameters())  # fmt: skip
+    return fold(head).eval(), result
+
+
+# ---------------------------------------------------------------- kNN head
+
+
+class KNNHead(nn.Module):
+    """Weighted cosine kNN over a bank of labeled features, as a module: features -> class scores."""
+
+    def __init__(self, bank: torch.Tensor, labels: torch.Tensor, k: int, temperature: float) -> None:
+        super().__init__()
+        self.register_buffer("bank", bank.detach().clone())
+        self.register_buffer("labels", labels.detach().clone())
+        self.k = k
+        self.temperature = temperature
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return knn_scores(self.bank, self.labels, features, self.k, self.temperature)
+
+
+# ---------------------------------------------------------------- the probe interface
+
+
+@dataclass
+class ProbeSettings:
+    fit: FitConfig = field(default_factory=FitConfig)
+    standardize: bool = True
+    augment: bool = False  # linear: features of augmented images; fine-tuning always augments
+    augment_strength: float = 1.0
+    knn_k: int = 20
+    knn_temperature: float = 0.1
+    encoder_lr_ratio: float = 0.1  # fine-tuning: encoder lr = lr * ratio
+
+
+@dataclass
+class ProbeContext:
+    encoder: nn.Module  # frozen by the caller for frozen probes
+    features: FeatureSet
+    images: LabeledTensors  # [0, 1] images of the labeled draw and the test set
+    settings: ProbeSettings
+    generator: torch.Generator
+    device: torch.device
+    mnist: MNIST | None = None  # the unlabeled pool, for probes that use it
+    draw: LabeledDraw | None = None
+    on_epoch: EpochCallback | None = None
+
+
+@dataclass
+class ProbeResult:
+    classifier: nn.Module  # [0, 1] images -> class scores (an EncoderClassifier)
+    head: nn.Module  # pooled features -> class scores
+    val_scores: torch.Tensor
+    test_scores: torch.Tensor
+    fit: FitResult | None
+    head_seconds: float  # wall time of training (kNN: building the bank)
+    frozen: bool  # the encoder was frozen (and checked unchanged by the caller)
+
+
+Probe = Callable[[ProbeContext], ProbeResult]
+
+
+def _classifier(encoder: nn.Module, head: nn.Module) -> EncoderClassifier:
+    classifier = EncoderClassifier(encoder)
+    classifier.head = head
+    return classifier.eval()
+
+
+def _affine(settings: ProbeSettings) -> aug.OnlineAffine:
+    return aug.OnlineAffine(aug.AffineSpec().scaled(settings.augment_strength))
+
+
+def linear_probe(ctx: ProbeContext) -> ProbeResult:
+    settings, started = ctx.settings, time.perf_counter()
+    if settings.augment:
+        head, result = train_linear_head_augmented(
+            ctx.encoder, ctx.images, ctx.features, settings.fit, settings.standardize, _affine(settings),
+            ctx.generator, ctx.on_epoch,
+        )  # fmt: skip
+    else:
+        head, result = train_linear_head(ctx.features, settings.fit, settings.standardize, ctx.generator, ctx.on_epoch)
+    seconds = time.perf_counter() - started
+    with torch.no_grad():
+        val_scores, test_scores = head(ctx.features.val), head(ctx.features.test)
+    return ProbeResult(_classifier(ctx.encoder, head), head, val_scores, test_scores, result, seconds, frozen=True)
+
+
+def knn_probe(ctx: ProbeContext) -> ProbeResult:
+    """Weighted kNN with the 75 training labels as the bank (validation stays held out)."""
+    started = time.perf_counter()
+    head = KNNHead(ctx.features.train, ctx.features.y_train, ctx.settings.knn_k, ctx.settings.knn_temperature)
+    seconds = time.perf_counter() - started
+    with torch.no_grad():
+        val_scores, test_scores = head(ctx.features.val), head(ctx.features.test)
+    return ProbeResult(_classifier(ctx.encoder, head), head, val_scores, test_scores, None, seconds, frozen=True)
+
+
+def finetune_probe(ctx: ProbeContext) -> ProbeResult:
+    """Linear probe first (a good head to start from), then encoder and head trained together on
+    augmented labeled images, the encoder at ``lr * encoder_lr_ratio``; batch-norm in train mode."""
+    settings, started = ctx.settings, time.perf_counter()
+    if settings.fit.optimizer == "lbfgs":
+        from fewshot.errors import UserError
+
+        raise UserError(
+            "--optimizer lbfgs: L-BFGS has one learning rate for all parameters; fine-tune with adamw or sgd"
+        )
+    head, _ = train_linear_head(ctx.features, settings.fit, settings.standardize, ctx.generator)
+    encoder = copy.deepcopy(ctx.encoder)
+    for parameter in encoder.parameters():
+        parameter.requires_grad_(True)
+    classifier = _classifier(encoder, copy.deepcopy(head))
+    groups = [
+        {"params": list(classifier.encoder.parameters()), "lr": settings.fit.lr * settings.encoder_lr_ratio},
+        {"params": list(classifier.head.parameters()), "lr": settings.fit.lr},
+    ]
+    result = fit(classifier, (ctx.images.x_train, ctx.images.y_train), (ctx.images.x_val, ctx.images.y_val),
+                 settings.fit, ctx.generator, augment=_affine(settings), on_epoch=ctx.on_epoch, params=groups)  # fmt: skip
+    seconds = time.perf_counter() - started
+    classifier.eval()
+    val_scores = predict_logits(classifier, ctx.images.x_val)
+    test_scores = predict_logits(classifier, ctx.images.x_test)
+    return ProbeResult(classifier, classifier.head, val_scores, test_scores, result, seconds, frozen=False)
+
+
+PROBES: dict[str, Probe] = {"linear": linear_probe, "knn": knn_probe, "finetune": finetune_probe}
+
+
+def run_probe(name: str, ctx: ProbeContext) -> ProbeResult:
+    """Run probe ``name``; frozen probes are checked to leave the encoder bit-identical."""
+    snapshot = freeze(ctx.encoder)
+    result = PROBES[name](ctx)
+    check_unchanged(ctx.encoder, snapshot)  # fine-tuning trains a copy: the loaded encoder must not move either
+    return result
