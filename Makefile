@@ -20,7 +20,7 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 run: setup
-	$(BIN)/python -m entrypoints.baseline --model cnn
+	$(BIN)/python -m entrypoints.main
 
 test: setup
 	$(BIN)/python -m pytest -q tests

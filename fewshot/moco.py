@@ -1,0 +1,272 @@
+"""MoCo v2 in one module: query encoder + projection head, momentum key encoder, a queue of
+negatives as a ring buffer, InfoNCE, and the batch-norm leak fix for one or several processes.
+
+Batch-norm leak. A query and its positive key are two views of the same image; if both
+encoders normalise over the same set of images, the batch statistics let the model tell the
+current batch's keys from the queue's and "cheat". Several processes (torchrun): the keys'
+batch is shuffled across processes before the key encoder and unshuffled after (shuffle-BN,
+as the paper). One device: split batch-norm (as the official single-GPU demo), every
+BatchNorm2d normalises sub-batches of ``batch / bn_splits`` images separately, and the key
+batch is permuted before the key encoder, so a query and its key sit in different
+sub-batches. Split-BN is a drop-in subclass of BatchNorm2d with the same parameters and
+buffers, so the trained backbone's state_dict loads into a plain ``build_encoder`` module.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot.errors import UserError
+
+# ---------------------------------------------------------------- split batch-norm
+
+
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that, in training, normalises ``num_splits`` equal sub-batches separately.
+
+    One ``batch_norm`` call over a (N/S, C*S, H, W) view does all splits at once (split i
+    holds the images whose index is i modulo S); the running statistics are the mean over splits. In eval mode it is a plain BatchNorm2d.
+    """
+
+    def __init__(self, num_features: int, num_splits: int, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.num_splits = num_splits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.num_splits
+        if not self.training or s == 1:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        if n % s:
+            raise ValueError(f"batch of {n} does not split into {s} batch-norm groups")
+        self.num_batches_tracked += 1
+        mean_split = self.running_mean.repeat(s)
+        var_split = self.running_var.repeat(s)
+        out = F.batch_norm(
+            x.reshape(n // s, c * s, h, w), mean_split, var_split,
+            self.weight.repeat(s), self.bias.repeat(s), True, self.momentum, self.eps,
+        ).reshape(n, c, h, w)  # fmt: skip
+        with torch.no_grad():
+            self.running_mean.copy_(mean_split.view(s, c).mean(0))
+            self.running_var.copy_(var_split.view(s, c).mean(0))
+        return out
+
+
+def convert_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
+    """Replace every BatchNorm2d in ``module`` (in place) by a SplitBatchNorm2d with the same state."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, SplitBatchNorm2d):
+            split = SplitBatchNorm2d(
+                child.num_features, num_splits, eps=child.eps, momentum=child.momentum, affine=child.affine
+            )
+            split.load_state_dict(child.state_dict())
+            split.to(child.weight.device if child.weight is not None else child.running_mean.device)
+            setattr(module, name, split)
+        else:
+            convert_split_bn(child, num_splits)
+    return module
+
+
+# ---------------------------------------------------------------- distributed helpers
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Every process's ``x`` stacked along dim 0, in rank order (no gradient)."""
+    if not distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def average_buffers(module: nn.Module) -> None:
+    """Average floating-point buffers (batch-norm running statistics) over processes."""
+    if not distributed():
+        return
+    world = dist.get_world_size()
+    for name, buf in module.named_buffers():
+        if buf.is_floating_point() and not name.endswith("queue"):
+            dist.all_reduce(buf)
+            buf.div_(world)
+
+
+# ---------------------------------------------------------------- the method
+
+
+def projection_head(feature_dim: int, dim: int, mlp: bool) -> nn.Module:
+    """MoCo v2's 2-layer MLP (feature -> feature -> dim), or MoCo v1's single linear layer."""
+    if mlp:
+        return nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.ReLU(inplace=True), nn.Linear(feature_dim, dim))
+    return nn.Linear(feature_dim, dim)
+
+
+def info_nce(
+    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """InfoNCE of L2-normalised queries ``q`` (N, D) against positives ``k`` (N, D) and the
+    negatives in ``queue`` (D, K). Returns (loss, logits); the positive is column 0."""
+    with torch.autocast(q.device.type, enabled=False):  # logits / T need more than bf16's 3 digits
+        q, k = q.float(), k.float()
+        positive = (q * k).sum(dim=1, keepdim=True)
+        negative = q @ queue.clone().detach().float()
+        logits = torch.cat([positive, negative], dim=1) / temperature
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits, labels), logits
+
+
+def check_queue(k: int, batch_size: int, world_size: int = 1, symmetric: bool = False) -> None:
+    """The queue must hold at least one step's keys (from every process)."""
+    per_step = batch_size * world_size * (2 if symmetric else 1)
+    if k < per_step:
+        raise UserError(
+            f"--moco-k {k}: the queue must hold at least one step's keys ({per_step} = batch size "
+            f"{batch_size} x {world_size} process(es){' x 2 (symmetric)' if symmetric else ''}); raise it"
+        )
+
+
+class MoCo(nn.Module):
+    """Query encoder (backbone + head), momentum key encoder, queue (dim x K) and pointer.
+
+    ``backbone`` is any module with ``feature_dim``; a copy becomes the key encoder, which
+    gets no gradients and follows the query encoder by ``momentum_update``. A K that is not
+    a multiple of the batch is fine: the ring buffer wraps around.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        dim: int = 128,
+        k: int = 4096,
+        temperature: float = 0.1,
+        mlp: bool = True,
+        symmetric: bool = False,
+        bn_splits: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.k = k
+        self.temperature = temperature
+        self.symmetric = symmetric
+        self.bn_splits = bn_splits
+        if bn_splits > 1:
+            convert_split_bn(backbone, bn_splits)
+        self.backbone_q = backbone
+        self.head_q = projection_head(backbone.feature_dim, dim, mlp)
+        self.backbone_k = copy.deepcopy(self.backbone_q)
+        self.head_k = copy.deepcopy(self.head_q)
+        for p in self.key_parameters():
+            p.requires_grad_(False)
+        queue = torch.randn(dim, k, generator=generator)
+        self.register_buffer("queue", F.normalize(queue, dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    def key_parameters(self) -> list[nn.Parameter]:
+        return list(self.backbone_k.parameters()) + list(self.head_k.parameters())
+
+    def query_parameters(self) -> list[nn.Parameter]:
+        return list(self.backbone_q.parameters()) + list(self.head_q.parameters())
+
+    @torch.no_grad()
+    def momentum_update(self, m: float) -> None:
+        """key <- m * key + (1 - m) * query, parameter by parameter."""
+        torch._foreach_mul_(self.key_parameters(), m)
+        torch._foreach_add_(self.key_parameters(), self.query_parameters(), alpha=1 - m)
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Write ``keys`` (N, dim) at the pointer, wrapping around the end, and advance it."""
+        n = keys.shape[0]
+        if n > self.k:
+            raise ValueError(f"{n} keys do not fit a queue of {self.k}")
+        ptr = int(self.queue_ptr)
+        first = min(n, self.k - ptr)
+        self.queue[:, ptr : ptr + first] = keys[:first].T.to(self.queue.dtype)
+        if first < n:
+            self.queue[:, : n - first] = keys[first:].T.to(self.queue.dtype)
+        self.queue_ptr[0] = (ptr + n) % self.k
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head_q(self.backbone_q(x)), dim=1)
+
+    @torch.no_grad()
+    def key(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Keys of ``x`` with the batch-norm leak blocked: shuffled across processes
+        (shuffle-BN) or, on one device, permuted so that split-BN groups differ from the queries'."""
+        if distributed():
+            x, unshuffle = _shuffle_across_processes(x, generator)
+            k = F.normalize(self.head_k(self.backbone_k(x)), dim=1)
+            return _unshuffle_across_processes(k, unshuffle)
+        if self.bn_splits > 1:
+            perm = torch.randperm(x.shape[0], generator=generator, device=generator.device if generator else None)
+            perm = perm.to(x.device)
+            k = F.normalize(self.head_k(self.backbone_k(x[perm])), dim=1)
+            return k[torch.argsort(perm)]
+        return F.normalize(self.head_k(self.backbone_k(x)), dim=1)
+
+    def forward(
+        self, x1: torch.Tensor, x2: torch.Tensor, m: float, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MoCo step's forward: momentum update, keys, InfoNCE, enqueue.
+
+        Returns (loss, logits of the first query); the positive is logits' column 0.
+        """
+        self.momentum_update(m)
+        if self.symmetric:
+            q1, q2 = self.query(x1), self.query(x2)
+            k1, k2 = self.key(x1, generator), self.key(x2, generator)
+            loss12, logits = info_nce(q1, k2, self.queue, self.temperature)
+            loss21, _ = info_nce(q2, k1, self.queue, self.temperature)
+            loss = (loss12 + loss21) / 2
+            keys = torch.cat([k1, k2])
+        else:
+            q = self.query(x1)
+            k = self.key(x2, generator)
+            loss, logits = info_nce(q, k, self.queue, self.temperature)
+            keys = k
+        self.enqueue(concat_all_gather(keys.float()))
+        return loss, logits
+
+
+def _shuffle_across_processes(x: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle-BN: gather every process's batch, apply one permutation drawn on rank 0, and
+    keep this process's share. Returns (local shuffled batch, unshuffle indices)."""
+    local = x.shape[0]
+    gathered = concat_all_gather(x)
+    total = gathered.shape[0]
+    perm = torch.randperm(total, generator=generator, device=generator.device if generator else None).to(x.device)
+    dist.broadcast(perm, src=0)
+    rank = dist.get_rank()
+    unshuffle = torch.argsort(perm)
+    return gathered[perm.view(-1, local)[rank]], unshuffle.view(-1, local)[rank]
+
+
+def _unshuffle_across_processes(k: torch.Tensor, unshuffle: torch.Tensor) -> torch.Tensor:
+    return concat_all_gather(k)[unshuffle]
+
+
+# ---------------------------------------------------------------- schedules
+
+
+def cosine_momentum(base: float, progress: float) -> float:
+    """BYOL's schedule: m rises from ``base`` at the start to 1 at the end (progress in [0, 1])."""
+    return 1 - (1 - base) * (math.cos(math.pi * min(max(progress, 0.0), 1.0)) + 1) / 2
+
+
+def warmup_cosine_lr(base: float, step: int, total: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
