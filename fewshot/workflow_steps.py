@@ -90,7 +90,7 @@ def build_steps(cfg: WorkflowConfig, run: Runner) -> None:
             epochs = profile.finetune_epochs if probe == "finetune" else profile.linear_epochs
             probe_cfg = LinearEvalConfig(
                 encoder=encoder_uri, probe=probe, seed=seed, data_dir=cfg.data_dir, device=cfg.device,
-                fit=FitConfig(epochs=epochs, lr=1e-3 if probe == "finetune" else 3e-3, progress=progress),
+                fit=FitConfig(epochs=epochs, progress=progress),
             )  # fmt: skip
 
             def run_probe(probe_cfg: LinearEvalConfig = probe_cfg) -> str:
