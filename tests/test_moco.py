@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from fewshot.moco import (
     warmup_cosine_lr,
 )
 from fewshot.models import build_encoder
+from tests.conftest import run_group
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,7 +143,7 @@ def test_torchrun_two_cpu_processes_hold_identical_key_encoders_and_queues(synth
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "tests.moco_ddp_worker", str(synthetic_data_dir), str(tmp_path),
     ]  # fmt: skip
-    done = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = run_group(cmd, timeout=300, cwd=PROJECT_ROOT, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert int(states[0]["queue_ptr"]) == int(states[1]["queue_ptr"]) == (4 * 2 * 16) % 96  # 4 steps x 2 x 16 keys

@@ -24,7 +24,7 @@ from fewshot.pretrain import (
     pretrain,
     run_pretrain,
 )
-from tests.conftest import PROJECT_ROOT, run_cli
+from tests.conftest import PROJECT_ROOT, run_cli, run_group
 
 TIMING = ("images_per_s", "elapsed_s", "augment_share", "evaluate_s")
 
@@ -252,7 +252,7 @@ def test_torchrun_entry_point_runs_on_cpu(synthetic_data_dir, tracking_store, tm
         "-m", "entrypoints.moco_pretrain", "--data-dir", str(synthetic_data_dir), "--width", "4", "--epochs", "1",
         "--batch-size", "16", "--moco-k", "64", "--checkpoint-dir", str(tmp_path), "--no-progress", "--no-knn-test",
     ]  # fmt: skip
-    done = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = run_group(cmd, timeout=300, cwd=PROJECT_ROOT, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     client = MlflowClient(tracking_store)
     (run,) = client.search_runs([client.get_experiment_by_name("fewshot").experiment_id])
