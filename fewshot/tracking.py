@@ -539,7 +539,7 @@ def step_tags(tags: dict[str, Any]) -> Iterator[None]:
         _STEP_TAGS.reset(token)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -565,7 +565,7 @@ def reap_dead_runs(job: str | None = None) -> list[str]:
         tags = run.data.tags
         if tags.get(HOST_TAG) != host or not tags.get(PID_TAG, "").isdigit():
             continue
-        if int(tags[PID_TAG]) != os.getpid() and not _pid_alive(int(tags[PID_TAG])):
+        if int(tags[PID_TAG]) != os.getpid() and not pid_alive(int(tags[PID_TAG])):
             client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
             reaped.append(run.info.run_id)
     return reaped

@@ -126,20 +126,10 @@ def close_dead_worker_runs(experiment_id: str, study_name: str) -> list[str]:
     closed = []
     for run_id, tags in tracking.running_runs(experiment_id, {"job": "hpo", STUDY_TAG: study_name}):
         worker_host, _, pid = tags.get(WORKER_TAG, "").rpartition(":")
-        if worker_host == host and pid.isdigit() and not _alive(int(pid)):
+        if worker_host == host and pid.isdigit() and not tracking.pid_alive(int(pid)):
             tracking.set_run_status(run_id, "FAILED", {"fewshot.failure": "worker process gone"})
             closed.append(run_id)
     return closed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def trial_states(study: optuna.Study) -> dict[str, int]:
