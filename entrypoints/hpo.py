@@ -17,7 +17,8 @@ from fewshot.hpo import PRUNERS, TARGETS, HpoConfig, run_hpo
     type=click.Choice(TARGETS),
     default="linear",
     show_default=True,
-    help="linear: a head on a fixed encoder; moco: pretraining; baseline: the supervised CNN.",
+    help="linear: a head on a fixed encoder; moco: pretraining; baseline: the supervised CNN; "
+    "semisup: semi-supervised training from --encoder.",
 )
 @click.option(
     "--n-trials",
@@ -56,11 +57,13 @@ from fewshot.hpo import PRUNERS, TARGETS, HpoConfig, run_hpo
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Label draw, training seed and sampler seed.")
 @click.option("--data-dir", default="", callback=_existing_dir, help="Folder with the MNIST IDX files.")
-@click.option("--encoder", default=DEFAULT_ENCODER, show_default=True, help="Encoder URI for --target linear.")
+@click.option("--encoder", default=DEFAULT_ENCODER, show_default=True,
+              help="Encoder URI for --target linear and semisup (semisup also takes random).")  # fmt: skip
 @click.option(
     "--budget",
     default="",
-    help="Per trial: epochs (3, 3ep) or, for moco, minutes (2min). Default: linear 100, moco 3, baseline 150 epochs.",
+    help="Per trial: epochs (3, 3ep) or, for moco, minutes (2min); semisup: training steps per fold. "
+    "Default: linear 100, moco 3, baseline 150 epochs, semisup 300 steps.",
 )
 @click.option("--pruner", type=click.Choice(PRUNERS), default="median", show_default=True)
 @click.option("--labels-per-class", type=click.IntRange(min=2, max=1000), default=10, show_default=True)

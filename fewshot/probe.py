@@ -334,7 +334,16 @@ def finetune_probe(ctx: ProbeContext) -> ProbeResult:
     return ProbeResult(classifier, classifier.head, val_scores, test_scores, result, seconds, frozen=False)
 
 
-PROBES: dict[str, Probe] = {"linear": linear_probe, "knn": knn_probe, "finetune": finetune_probe}
+def semisup_probe(ctx: ProbeContext) -> ProbeResult:
+    """Semi-supervised fine-tuning with the unlabeled pool (``fewshot.semisup``), ``--epochs`` read as steps."""
+    from fewshot.semisup import semisup_probe as run  # imported late: fewshot.semisup imports this module
+
+    return run(ctx)
+
+
+PROBES: dict[str, Probe] = {
+    "linear": linear_probe, "knn": knn_probe, "finetune": finetune_probe, "semisup": semisup_probe,
+}  # fmt: skip
 
 
 def run_probe(name: str, ctx: ProbeContext) -> ProbeResult:

@@ -367,6 +367,7 @@ def register_model_version(model_uri: str, name: str, score: float, tags: dict[s
     ``challenger``. Returns (version, alias).
     """
     client = MlflowClient()
+    score = round(score, 6)  # compared as stored: a tie with the champion's tag is not a win
     all_tags = {key: _param_text(value) for key, value in {**(tags or {}), SCORE_TAG: f"{score:.6f}"}.items()}
     version = mlflow.register_model(model_uri, name, tags=all_tags).version
     try:
@@ -586,7 +587,13 @@ def find_finished_run(tag: str, value: str) -> str | None:
 
 def run_summary(run_id: str) -> dict[str, Any]:
     """Status, name, params, metrics and tags of one run, as plain dicts."""
-    run = MlflowClient().get_run(run_id)
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException as exc:
+        raise UserError(
+            f"run {run_id}: {_first_line(exc)} in {redact(mlflow.get_tracking_uri())}; check the run id "
+            f"(--parent-run-id) in the MLflow UI or {TRACKING_ENV}"
+        ) from exc
     return {
         "run_id": run_id,
         "status": run.info.status,

@@ -7,10 +7,10 @@ from dataclasses import asdict, dataclass, field
 
 from fewshot.errors import UserError
 
-TARGETS = ("linear", "moco", "baseline")
+TARGETS = ("linear", "moco", "baseline", "semisup")
 PRUNERS = ("median", "halving", "none")
 # per-trial budget when --budget is empty: epochs of the linear head / baseline per fold, MoCo epochs
-DEFAULT_BUDGET = {"linear": "100", "moco": "3", "baseline": "150"}
+DEFAULT_BUDGET = {"linear": "100", "moco": "3", "baseline": "150", "semisup": "300"}  # semisup: training steps
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,7 @@ class HpoConfig:
     heartbeat_seconds: int = 10  # a trial without a heartbeat for 3x this long is failed and retried
     experiment: str | None = None
     moco_overrides: dict = field(default_factory=dict)  # PretrainConfig fields fixed for every trial
+    semisup_overrides: dict = field(default_factory=dict)  # SemisupConfig fields fixed for every trial
 
     def validate(self) -> Budget:
         if self.target not in TARGETS:
@@ -84,6 +85,8 @@ class HpoConfig:
             raise UserError(
                 f"--study-name {self.study_name!r}: use up to 200 letters, digits and _ . : @ + - characters"
             )
+        if self.target == "semisup" and not self.encoder.strip():
+            raise UserError("--encoder is empty: --target semisup starts from it; pass its URI or random")
         if self.target == "linear" and not self.encoder.strip():
             raise UserError("--encoder is empty: --target linear tunes a head on a fixed encoder; pass its URI")
         return Budget.parse(self.budget, self.target)
@@ -97,11 +100,12 @@ class HpoConfig:
             "labels": f"{self.labels_per_class}/class" if self.labels_per_class else f"{self.n_labels} random",
             "budget": str(budget),
         }
-        if self.target == "linear":
+        if self.target in ("linear", "semisup"):
             ident["encoder"] = self.encoder
         return ident
 
     def params(self) -> dict:
         flat = asdict(self)
         flat.pop("moco_overrides")
+        flat.pop("semisup_overrides")
         return flat

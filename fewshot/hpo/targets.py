@@ -318,7 +318,77 @@ class MocoTarget:
         return WinnerReport({"test_top1": test[1], "test_top5": test[5], "winner_val_top1": val}, self.measure)
 
 
-TARGET_CLASSES = {"linear": LinearTarget, "moco": MocoTarget, "baseline": BaselineTarget}
+# ---------------------------------------------------------------- semi-supervised training
+
+
+class SemisupTarget:
+    """Semi-supervised training (``fewshot.semisup``) from ``--encoder`` (or ``random``): learning
+    rate, confidence threshold, unlabeled weight, strong-augmentation strength, per-class
+    thresholds and distribution alignment. The budget's epochs are training steps per fold; each
+    fold trains on its labeled part plus the unlabeled pool (images only: the pool's labels are
+    not handed over) and is scored on its held-out labeled part."""
+
+    name = "semisup"
+
+    def __init__(self, cfg: HpoConfig, data: SearchData) -> None:
+        from fewshot.encoder_source import resolve_encoder
+        from fewshot.semisup import RANDOM_INIT, SemisupConfig
+
+        self.data = data
+        self.measure = _measure(cfg.folds)
+        steps = data.budget.epochs or 300
+        base = {"init": cfg.encoder, "seed": cfg.seed, "device": str(data.device), "progress": False,
+                "eval_test": False, "steps": steps, "eval_every": steps, "labels_per_class": cfg.labels_per_class,
+                "n_labels": cfg.n_labels}  # fmt: skip
+        self.base = {**base, **cfg.semisup_overrides}
+        SemisupConfig(**self.base).validate()
+        random_init = self.base["init"].strip() == RANDOM_INIT
+        self.encoder = None if random_init else resolve_encoder(self.base["init"], option="--encoder")[0]
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        return {
+            "lr": trial.suggest_float("lr", 3e-3, 0.1, log=True),
+            "tau": trial.suggest_float("tau", 0.8, 0.98),
+            "lambda_u": trial.suggest_float("lambda_u", 0.25, 4.0, log=True),
+            "strong_strength": trial.suggest_float("strong_strength", 0.5, 1.5),
+            "threshold": trial.suggest_categorical("threshold", ["fixed", "flexmatch"]),
+            "dist_align": trial.suggest_categorical("dist_align", [True, False]),
+        }
+
+    def _train(self, params: dict[str, Any], train, val, seed: int) -> nn.Module:
+        from fewshot.semisup import SemisupConfig, SemisupData, prepare_model, train_semisup
+
+        cfg = SemisupConfig(**{**self.base, **params, "seed": seed})
+        pool_idx = self.data.draw.unlabeled_idx
+        data = SemisupData(*train, *val, pool=self.data.mnist.train_images[pool_idx].to(self.data.device),
+                           pool_idx=pool_idx)  # fmt: skip
+        with _INIT_LOCK:
+            model = prepare_model(cfg, data, self.encoder)
+        return train_semisup(cfg, data, model).model
+
+    def evaluate(self, params: dict[str, Any], report: Report, log_step: StepLogger) -> Outcome:
+        x, y = self.data.labeled.x, self.data.labeled.y
+
+        def score(i: int, split: Split) -> float:
+            model = self._train(params, (x[split.train], y[split.train]), (x[split.val], y[split.val]),
+                                self.data.seed + i)  # fmt: skip
+            return evaluate_loss(model, x[split.val], y[split.val])[1]
+
+        return _cross_validate(self.data, score, report, log_step)
+
+    def report_winner(self, params: dict[str, Any], trial: optuna.trial.FrozenTrial, mnist: MNIST) -> WinnerReport:
+        from fewshot.baseline import evaluate_split, labeled_tensors
+
+        t = labeled_tensors(mnist, self.data.draw, self.data.device)
+        model = self._train(params, (t.x_train, t.y_train), (t.x_val, t.y_val), self.data.seed)
+        test, _ = evaluate_split(model, t.x_test, t.y_test)
+        val, _ = evaluate_split(model, t.x_val, t.y_val)
+        return WinnerReport({"test_top1": test[1], "test_top5": test[5], "winner_val_top1": val[1]}, self.measure)
+
+
+TARGET_CLASSES = {
+    "linear": LinearTarget, "moco": MocoTarget, "baseline": BaselineTarget, "semisup": SemisupTarget,
+}  # fmt: skip
 
 
 def make_target(cfg: HpoConfig, mnist: MNIST, draw: LabeledDraw, device: torch.device, budget: Budget) -> Target:

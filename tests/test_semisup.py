@@ -1,0 +1,297 @@
+"""Semi-supervised training: pseudo-label mask, views, pools, label leakage, resume, the tracked job."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import replace
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from fewshot import augment as aug
+from fewshot import report
+from fewshot.baseline import labeled_tensors
+from fewshot.data import draw_labels, load_mnist
+from fewshot.errors import UserError
+from fewshot.models import EncoderClassifier, build_encoder
+from fewshot.probe import ProbeContext, ProbeSettings, cached_features, run_probe
+from fewshot.semisup import (
+    EMA,
+    PseudoLabeler,
+    SemisupConfig,
+    consistency_loss,
+    load_checkpoint,
+    prepare_model,
+    pseudo_labels,
+    run_semisup,
+    semisup_data,
+    train_semisup,
+)
+from fewshot.train import FitConfig
+from tests.conftest import run_cli
+from tests.encoders import same_weights, tiny_encoder, write_checkpoint
+
+TIMING = ("unlabeled_per_s", "train_seconds")
+
+
+def tiny(**changes) -> SemisupConfig:
+    """Width-8 network, 8 labeled + 16 unlabeled images per step, an evaluation every 3 steps."""
+    cfg = SemisupConfig(init="random", width=8, steps=9, batch_size=8, mu=2, eval_every=3, progress=False,
+                        threshold="flexmatch", dist_align=True, targets="ema", ema=0.9, tau=0.5)  # fmt: skip
+    return replace(cfg, **changes)
+
+
+@pytest.fixture(scope="module")
+def mnist(synthetic_data_dir: Path):
+    return load_mnist(synthetic_data_dir)
+
+
+@pytest.fixture(scope="module")
+def draw(mnist):
+    return draw_labels(mnist.train_labels, seed=0, labels_per_class=10)
+
+
+def _digit7(n: int) -> torch.Tensor:
+    """A blocky seven: a top bar and a thick stem on the right (its mirror image has the stem on the left)."""
+    x = torch.zeros(n, 1, 28, 28)
+    x[:, :, 5:9, 6:22] = 1.0
+    x[:, :, 9:24, 17:22] = 1.0
+    return x
+
+
+def _without_timing(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if k not in TIMING} for h in history]
+
+
+# ---------------------------------------------------------------- the pseudo-label mask
+
+
+def test_mask_keeps_exactly_the_predictions_at_or_above_the_threshold() -> None:
+    probs = torch.tensor([[0.96, 0.04] + [0.0] * 8, [0.5, 0.5] + [0.0] * 8, [0.05, 0.95] + [0.0] * 8])
+    logits = (probs + 1e-12).log()
+    result = pseudo_labels(logits, 0.95)
+    assert result.targets.tolist() == [0, 0, 1]
+    assert result.mask.tolist() == [1.0, 0.0, 1.0]  # 0.95 itself passes, 0.5 does not
+    # per-class thresholds: class 1 needs 0.99 now
+    per_class = torch.full((10,), 0.9)
+    per_class[1] = 0.99
+    assert pseudo_labels(logits, per_class).mask.tolist() == [1.0, 0.0, 0.0]
+    # distribution alignment re-weights before the argmax and the threshold
+    align = torch.ones(10)
+    align[0] = 0.1
+    aligned = pseudo_labels(logits, 0.9, align)
+    # row 0: 0.096 vs 0.04 -> still a 0, now at 0.71; row 1: 0.05 vs 0.5 -> a 1 at 0.91
+    assert aligned.targets.tolist() == [0, 1, 1] and aligned.mask.tolist() == [0.0, 1.0, 1.0]
+    assert torch.allclose(aligned.probs.sum(1), torch.ones(3))
+
+
+def test_flexmatch_thresholds_follow_each_class_learning_status() -> None:
+    cfg = SemisupConfig(threshold="flexmatch", tau=0.9, dist_align=False)
+    labeler = PseudoLabeler(cfg, torch.full((10,), 0.1), n_pool=20, device=torch.device("cpu"))
+    assert torch.equal(labeler.thresholds(), torch.zeros(10))  # warm-up: nothing learned yet
+    logits = torch.full((20, 10), -10.0)
+    logits[:12, 3] = 10.0  # twelve confident threes
+    logits[12:16, 7] = 10.0  # four confident sevens
+    labeler(logits, torch.arange(20))
+    thresholds = labeler.thresholds()
+    assert thresholds[3] == pytest.approx(0.9)  # the best-learned class keeps tau
+    beta = 4 / 12
+    assert thresholds[7] == pytest.approx(0.9 * beta / (2 - beta))  # a lagging class gets a lower bar
+    assert thresholds[0] == 0.0
+
+
+def test_targets_carry_no_gradient() -> None:
+    torch.manual_seed(0)
+    model = EncoderClassifier(build_encoder("digit", 4))
+    cfg = SemisupConfig(tau=0.0, dist_align=True)  # every pseudo-label counts
+    labeler = PseudoLabeler(cfg, torch.full((10,), 0.1), n_pool=6, device=torch.device("cpu"))
+    x_l, y_l = torch.rand(4, 1, 28, 28), torch.arange(4)
+    u_weak = torch.rand(6, 1, 28, 28, requires_grad=True)
+    u_strong = torch.rand(6, 1, 28, 28, requires_grad=True)
+    for teacher in (model, EMA(model, 0.9).model):
+        out = consistency_loss(model, teacher, x_l, y_l, u_weak, u_strong, torch.arange(6), labeler, lambda_u=1.0)
+        assert not out.pseudo.targets.requires_grad and not out.pseudo.mask.requires_grad
+        assert not out.pseudo.probs.requires_grad
+        u_weak.grad = u_strong.grad = None
+        out.loss.backward()
+        assert u_weak.grad is None  # nothing flows back through the weak views (the targets)
+        assert u_strong.grad is not None and u_strong.grad.abs().sum() > 0
+        assert out.unsup_loss > 0 and out.pseudo.mask.sum() == 6
+
+
+# ---------------------------------------------------------------- views and pools
+
+
+def test_weak_and_strong_views_differ_and_stay_digit_shaped() -> None:
+    cfg = SemisupConfig()
+    x = _digit7(256)
+    generator = torch.Generator().manual_seed(0)
+    weak = aug.random_affine(x, cfg.weak_spec(), generator)
+    strong = aug.random_view(x, cfg.strong_spec(), generator)
+
+    def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # of 5x5-smoothed images: a shift costs little
+        smooth = torch.nn.functional.avg_pool2d
+        return torch.nn.functional.cosine_similarity(smooth(a, 5, 1, 2).flatten(1), smooth(b, 5, 1, 2).flatten(1))
+
+    assert weak.shape == strong.shape == x.shape
+    assert 0 <= float(strong.min()) and float(strong.max()) <= 1 + 1e-5
+    assert (weak - strong).abs().mean() > 0.02  # two different views of each image
+    assert cosine(weak, strong).mean() < cosine(weak, x).mean()  # the strong view is the harder one
+    flipped = x.flip(-1)
+    for view in (weak, strong):  # never mirrored: each view is closer to the digit than to its mirror image
+        assert (cosine(view, x) > cosine(view, flipped)).float().mean() >= 0.98
+        assert cosine(view, x).mean() > cosine(view, flipped).mean() + 0.2
+        assert (view.sum((1, 2, 3)) > 0.3 * x.sum((1, 2, 3))).all()  # the strokes survive (cutout is mild)
+
+
+def test_labeled_and_unlabeled_pools_are_disjoint(mnist, draw) -> None:
+    data = semisup_data(mnist, draw, "cpu")
+    labeled = set(draw.train_idx.tolist()) | set(draw.val_idx.tolist())
+    pool = set(data.pool_idx.tolist())
+    assert not labeled & pool and len(labeled | pool) == mnist.train_images.shape[0]
+    assert torch.equal(data.pool, mnist.train_images[data.pool_idx])
+    assert data.x_train.shape[0] == 75 and data.x_val.shape[0] == 25
+    leaky = dataclasses.replace(draw, unlabeled_idx=torch.cat([draw.unlabeled_idx, draw.val_idx[:1]]))
+    with pytest.raises(RuntimeError, match="contains labeled images"):
+        semisup_data(mnist, leaky, "cpu")
+
+
+def test_the_unlabeled_pools_true_labels_never_reach_the_loss(mnist, draw) -> None:
+    cfg = tiny(steps=6)
+
+    def train(labels_of_pool: torch.Tensor | None):
+        data = semisup_data(mnist, draw, "cpu")
+        data.pool_labels = labels_of_pool
+        result = train_semisup(cfg, data, prepare_model(cfg, data, None))
+        return result
+
+    data = semisup_data(mnist, draw, "cpu")
+    reference = train(data.pool_labels)
+    shuffled = data.pool_labels[torch.randperm(len(data.pool_labels), generator=torch.Generator().manual_seed(1))]
+    assert not torch.equal(shuffled, data.pool_labels)
+    again = train(shuffled)
+    hidden = train(None)
+    for other in (again, hidden):
+        assert same_weights(reference.online, other.online) and same_weights(reference.model, other.model)
+    # the monitor did read them: pseudo-label accuracy changes with the shuffled labels, the rest does not
+    assert [h["pseudo_acc_all"] for h in reference.history] != [h["pseudo_acc_all"] for h in again.history]
+    assert [h["val_acc"] for h in reference.history] == [h["val_acc"] for h in again.history]
+    assert "pseudo_acc" not in hidden.history[0]
+
+
+def test_resume_reproduces_the_uninterrupted_run(mnist, draw, tmp_path: Path) -> None:
+    cfg = tiny()
+    data = semisup_data(mnist, draw, "cpu")
+    reference = train_semisup(cfg, data, prepare_model(cfg, data, None))
+
+    def killed_at_step_6(step: int, metrics: dict) -> None:
+        if step == 6:
+            raise KeyboardInterrupt
+
+    path = tmp_path / "last.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train_semisup(cfg, data, prepare_model(cfg, data, None), on_eval=killed_at_step_6, checkpoint_path=path)
+    state = load_checkpoint(path)
+    assert state["step"] == 3 and not state["finished"]  # step 6's checkpoint was never written
+    resumed = train_semisup(cfg, data, prepare_model(cfg, data, None), checkpoint_path=path, resume_state=state)
+    assert resumed.steps == reference.steps == 9
+    assert same_weights(resumed.online, reference.online) and same_weights(resumed.model, reference.model)
+    assert _without_timing(resumed.history) == _without_timing(reference.history)
+    assert load_checkpoint(path)["finished"]
+    with pytest.raises(UserError, match="tau 0.5 -> 0.7"):
+        train_semisup(replace(cfg, tau=0.7), data, prepare_model(cfg, data, None), resume_state=state)
+
+
+@pytest.mark.parametrize(
+    ("change", "option"),
+    [({"tau": 0.0}, "--tau"), ({"tau": 1.5}, "--tau"), ({"lambda_u": -1.0}, "--lambda-u"),
+     ({"threshold": "freematch"}, "--threshold"), ({"targets": "ema", "ema": 0.0}, "--targets ema"),
+     ({"strong": "flips"}, "--strong"), ({"mu": 0}, "--mu"), ({"lr": float("nan")}, "--lr"),
+     ({"init": " "}, "--init")],
+)  # fmt: skip
+def test_bad_settings_are_refused_naming_the_option(change: dict, option: str) -> None:
+    with pytest.raises(UserError, match=option):
+        replace(SemisupConfig(), **change).validate()
+
+
+def test_semisup_is_a_probe_that_leaves_the_loaded_encoder_alone(mnist, draw) -> None:
+    encoder, loaded = tiny_encoder(seed=3), tiny_encoder(seed=3)
+    settings = ProbeSettings(fit=FitConfig(epochs=2, progress=False))
+    ctx = ProbeContext(
+        encoder=encoder, features=cached_features(encoder, mnist, draw, "cpu"),
+        images=labeled_tensors(mnist, draw, "cpu"), settings=settings, generator=torch.Generator().manual_seed(0),
+        device=torch.device("cpu"), mnist=mnist, draw=draw,
+    )  # fmt: skip
+    result = run_probe("semisup", ctx)
+    assert same_weights(encoder, loaded) and not result.frozen
+    assert result.test_scores.shape == (200, 10) and result.val_scores.shape == (25, 10)
+    assert not same_weights(result.classifier.encoder, loaded)  # the copy did train
+
+
+# ---------------------------------------------------------------- the tracked job
+
+
+def test_tracked_run_logs_registers_and_resumes_in_the_same_run(
+    synthetic_data_dir: Path, tracking_store: str, tmp_path: Path
+) -> None:
+    checkpoint = write_checkpoint(tmp_path / "moco.pt", tiny_encoder(seed=2))
+    cfg = tiny(init=str(checkpoint), data_dir=str(synthetic_data_dir))
+
+    def killed_at_step_6(step: int, metrics: dict) -> None:
+        if step == 6:
+            raise KeyboardInterrupt
+
+    folder = tmp_path / "ck"
+    with pytest.raises(KeyboardInterrupt):
+        run_semisup(cfg, checkpoint_dir=folder, run_name="semi", on_eval=killed_at_step_6)
+    client = MlflowClient()
+    (first,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert first.info.status == "KILLED"
+
+    out = run_semisup(cfg, checkpoint_dir=folder, run_name="semi")  # resume="auto": the same MLflow run
+    assert out["run_id"] == first.info.run_id
+    run = client.get_run(out["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from_step"] == "3"
+    assert run.data.tags["job"] == "semisup" and run.data.tags["init"] == "moco"
+    assert report.method_of(run.data.tags) == "MoCo + semi-supervised"
+    for key in ("val_acc", "test_acc", "mask_rate", "pseudo_acc", "sup_loss", "unsup_loss", "threshold_mean"):
+        assert [m.step for m in client.get_metric_history(out["run_id"], key)] == [3, 6, 9], key
+    metrics = run.data.metrics
+    assert {f"test_top{k}" for k in range(1, 6)} <= set(metrics) and "test_acc_class7" in metrics
+    assert {"wall_seconds", "final_mask_rate", "final_pseudo_acc", "warmup_head_val_top1"} <= set(metrics)
+    assert run.data.params["tau"] == "0.5" and run.data.params["encoder_arch"] == "digit"
+    artifacts = {a.path for folder_ in ("evaluation", "augmentation", "checkpoints")
+                 for a in client.list_artifacts(out["run_id"], folder_)}  # fmt: skip
+    assert {"evaluation/test_confusion_matrix.png", "evaluation/learning_curves.png",
+            "evaluation/pseudo_label_confusion.png", "augmentation/views.png", "checkpoints/last.pt"} <= artifacts  # fmt: skip
+    version = client.get_model_version_by_alias("fewshot-classifier", "champion")
+    assert version.run_id == out["run_id"] and out["alias"] == "champion"
+    loaded = mlflow.pytorch.load_model(f"models:/fewshot-classifier/{version.version}")
+    assert loaded(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_cli_bad_init_is_one_line_and_leaves_no_run(synthetic_data_dir: Path, tracking_store: str) -> None:
+    result = run_cli("entrypoints.semisup", "--init", "models:/fewshot-moco-encoder@champion", "--data-dir",
+                     str(synthetic_data_dir), env={"MLFLOW_TRACKING_URI": tracking_store})  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --init models:/fewshot-moco-encoder@champion")
+    client = MlflowClient(tracking_uri=tracking_store)
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_hpo_semisup_target_searches_without_the_test_set(
+    synthetic_data_dir: Path, tracking_store: str, tmp_path: Path
+) -> None:
+    from fewshot.hpo import HpoConfig, run_hpo
+
+    checkpoint = write_checkpoint(tmp_path / "moco.pt", tiny_encoder(seed=2))
+    cfg = HpoConfig(target="semisup", n_trials=1, folds=2, budget="2", encoder=str(checkpoint), seed=0,
+                    data_dir=str(synthetic_data_dir), semisup_overrides={"batch_size": 8, "mu": 2})  # fmt: skip
+    result = run_hpo(cfg, echo=lambda text: None)
+    assert result.states.get("COMPLETE") == 1 and 0 <= result.best_value <= 1
+    assert {"tau", "lambda_u", "threshold", "dist_align"} <= set(result.best_params)
+    assert 0 <= result.test_metrics["test_top1"] <= 1  # report-only, after the search
