@@ -65,7 +65,13 @@ def _empty_to_none(ctx: click.Context, param: click.Parameter, value: Any) -> An
 def _existing_dir(ctx: click.Context, param: click.Parameter, value: Any) -> str | None:
     if value in ("", None):
         return None
-    if not Path(value).is_dir():
+    try:
+        is_dir = Path(value).is_dir()
+    except OSError as exc:  # a parent folder this user may not enter
+        raise click.BadParameter(
+            f"{value} cannot be reached ({exc.strerror}); make it readable or use another copy"
+        ) from exc
+    if not is_dir:
         raise click.BadParameter(f"{value} is not a directory; point it at a folder holding the MNIST IDX files")
     return str(value)
 

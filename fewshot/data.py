@@ -44,7 +44,11 @@ class MNIST:
 
 
 def _open_idx(path: Path) -> bytes:
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:  # permission denied, a folder named like the file, I/O error
+        raise UserError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__}); make it readable "
+                        "or point --data-dir at another copy") from exc  # fmt: skip
     if raw[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(raw)
@@ -102,6 +106,9 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     path = Path(chosen).expanduser()
     if not path.is_dir():
         raise UserError(f"--data-dir {chosen}: no such directory; point it at a folder holding the MNIST IDX files")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise UserError(f"--data-dir {chosen}: permission denied (the folder cannot be listed); make it readable "
+                        "or point --data-dir at another copy")  # fmt: skip
     return path
 
 

@@ -241,7 +241,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(
-            f"--resume {path}: not a fewshot MoCo checkpoint (format {state.get('format') if isinstance(state, dict) else None!r})"
+            f"--resume {path}: not a fewshot MoCo checkpoint (format {state.get('format') if isinstance(state, dict) else None!r}); "
+            "pass a checkpoint written by moco_pretrain (checkpoints/moco/<run name>/last.pt) or --resume never"
         )
     if state.get("version") != CHECKPOINT_VERSION:
         raise UserError(
@@ -341,7 +342,8 @@ def pretrain(
     steps_per_epoch = n // global_batch
     if steps_per_epoch < 1:
         raise UserError(
-            f"--batch-size {cfg.batch_size}: larger than the unlabeled pool ({n} images over {world} process(es))"
+            f"--batch-size {cfg.batch_size}: larger than the unlabeled pool ({n} images over {world} process(es)); "
+            f"pass a smaller --batch-size (at most {n // world})"
         )
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -634,3 +635,13 @@ def run_exists(run_id: str) -> bool:
     except MlflowException:
         return False
     return True
+
+
+def checkpoint_root() -> Path:
+    """Where workflow steps keep their checkpoints: beside the SQLite store in use (the project's
+    ``mlruns/`` by default), else under ``mlruns/checkpoints/<hash of the store URI>``."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///") :]).parent / "checkpoints"
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:12]
+    return STORE_DIR / "checkpoints" / digest

@@ -80,7 +80,7 @@ def build_steps(cfg: WorkflowConfig, run: Runner) -> None:
     moco = replace(profile.moco, seed=cfg.seed, data_dir=cfg.data_dir, device=cfg.device, progress=progress)
     moco_params = moco.params()
     moco_step = Step("moco_pretrain", moco_params, lambda: "")
-    checkpoint_dir = tracking.STORE_DIR / "checkpoints" / f"workflow-{moco_step.key(run.code)}"
+    checkpoint_dir = tracking.checkpoint_root() / f"workflow-{moco_step.key(run.code)}"
     registered: dict = {}
 
     def pretrain_and_register() -> str:
@@ -110,7 +110,7 @@ def build_steps(cfg: WorkflowConfig, run: Runner) -> None:
         semi_params = semi.params()
         semi_name = f"semisup-moco-draw{seed}"
         semi_key = Step(semi_name, semi_params, lambda: "").key(run.code)
-        semi_dir = tracking.STORE_DIR / "checkpoints" / f"workflow-{semi_key}"
+        semi_dir = tracking.checkpoint_root() / f"workflow-{semi_key}"
 
         def semisup(semi: SemisupConfig = semi, semi_dir=semi_dir) -> str:
             return run_semisup(semi, checkpoint_dir=semi_dir, resume="auto", register=True)["run_id"]

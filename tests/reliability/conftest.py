@@ -1,0 +1,175 @@
+"""Shared pieces of the reliability suite: fresh stores, subprocess environments, run
+queries over a whole store, and a real PostgreSQL server on 127.0.0.1 for the worker tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import PROJECT_ROOT
+
+TIMING_KEYS = {"images_per_s", "elapsed_s", "augment_share", "evaluate_s", "wall_seconds", "head_seconds"}
+
+
+@pytest.fixture
+def fresh_store(tmp_path: Path, _migrated_store_template: Path):
+    """A factory of fresh, migrated SQLite MLflow stores under tmp_path: ``fresh_store("ref")``."""
+
+    def make(name: str) -> str:
+        folder = tmp_path / name
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(_migrated_store_template, folder / "mlflow.db")
+        return f"sqlite:///{folder / 'mlflow.db'}"
+
+    return make
+
+
+def child_env(tracking_uri: str | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a job started as a user would, pinned to one intra-op thread (the
+    suite shares two cores; results are compared between processes with equal thread counts)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    if tracking_uri is not None:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    return env
+
+
+def start_job(module: str, *args: str, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args], cwd=cwd or PROJECT_ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    return out
+
+
+def all_runs(tracking_uri: str) -> list:
+    client = MlflowClient(tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, max_results=5000) if experiments else []
+
+
+def running(tracking_uri: str) -> list[str]:
+    return [f"{r.info.run_name} ({r.info.run_id})" for r in all_runs(tracking_uri) if r.info.status == "RUNNING"]
+
+
+def metric_histories(tracking_uri: str, run_id: str, skip=TIMING_KEYS) -> dict[str, list[tuple[int, float]]]:
+    """key -> [(step, value), ...] sorted by step, every logged point kept (duplicates show)."""
+    client = MlflowClient(tracking_uri)
+    keys = client.get_run(run_id).data.metrics
+    return {
+        key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        for key in keys
+        if key not in skip
+    }
+
+
+def kill_when(proc: subprocess.Popen, condition, timeout: float = 240, poll: float = 0.0002) -> bool:
+    """SIGKILL ``proc`` the moment ``condition()`` holds. False when it exited first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if condition():
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+            return True
+        time.sleep(poll)
+    os.kill(proc.pid, signal.SIGKILL)
+    raise AssertionError("the kill condition never held")
+
+
+# ---------------------------------------------------------------- PostgreSQL
+
+
+@dataclass
+class Postgres:
+    url: str  # postgresql://user:password@127.0.0.1:port/db (the password shows redaction works)
+    port: int
+
+
+def _postgres_bin() -> Path | None:
+    for folder in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (folder / "initdb").is_file() and (folder / "pg_ctl").is_file():
+            return folder
+    found = shutil.which("initdb")
+    return Path(found).parent if found and shutil.which("pg_ctl") else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
+    """A throw-away PostgreSQL cluster on 127.0.0.1, run as a non-root user when we are root
+    (initdb refuses root). Skips, saying why, when Debian's postgresql binaries are absent."""
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL binaries not found (apt-get install postgresql; .ci/run does this)")
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg2 is not installed")
+    folder = tmp_path_factory.mktemp("postgres")
+    data, sockets = folder / "data", folder / "sock"
+    sockets.mkdir()
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            user = pwd.getpwnam("nobody")
+        for path in (folder, sockets):
+            os.chown(path, user.pw_uid, user.pw_gid)
+        os.chmod(folder, 0o755)
+        for parent in folder.parents:  # the cluster user must reach its folder
+            if parent == Path(parent.anchor):
+                break
+            os.chmod(parent, os.stat(parent).st_mode | 0o011)
+        prefix = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups"]
+    password_file = folder / "pw"
+    password_file.write_text("s3cret-pw\n")
+    os.chmod(password_file, 0o644)
+    env = {**os.environ, "LC_ALL": "C", "HOME": str(folder)}
+
+    def pg(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(prefix + list(args), env=env, capture_output=True, text=True, timeout=timeout)
+
+    done = pg(str(bin_dir / "initdb"), "-D", str(data), "-U", "fewshot", "-A", "scram-sha-256",
+              f"--pwfile={password_file}", "--no-sync", "-E", "UTF8")  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"initdb failed: {done.stderr.strip()[-300:]}")
+    port = _free_port()
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {sockets} -c fsync=off -c max_connections=60"
+    done = pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start")
+    if done.returncode != 0:
+        pytest.skip(f"pg_ctl start failed: {done.stderr.strip()[-300:]} {(folder / 'log').read_text()[-300:]}")
+    try:
+        import psycopg2
+
+        conn = psycopg2.connect(host="127.0.0.1", port=port, user="fewshot", password="s3cret-pw", dbname="postgres")
+        conn.autocommit = True
+        conn.cursor().execute("CREATE DATABASE optuna")
+        conn.close()
+        yield Postgres(url=f"postgresql://fewshot:s3cret-pw@127.0.0.1:{port}/optuna", port=port)
+    finally:
+        pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")

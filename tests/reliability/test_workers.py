@@ -1,0 +1,106 @@
+"""HPO worker processes sharing one study: 4 on SQLite (one SIGKILLed mid-trial) and 2 on a
+real PostgreSQL server on 127.0.0.1. Every trial is recorded once, every child run is nested
+under a worker's parent run, no worker sees a lock error, nothing is left RUNNING."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from tests.hpo_helpers import write_encoder_checkpoint
+from tests.reliability.conftest import all_runs, child_env, finish, running, start_job
+
+LOCK_ERRORS = re.compile(r"database is locked|deadlock|could not serialize|OperationalError|Traceback", re.I)
+
+
+def worker(study: str, data_dir: Path, encoder: Path, n_trials: int, env: dict, cwd: Path, *extra: str):
+    args = ["--target", "linear", "--study-name", study, "--n-trials", str(n_trials), "--folds", "2",
+            "--budget", "40", "--data-dir", str(data_dir), "--encoder", str(encoder), "--pruner", "none",
+            "--heartbeat", "1", *extra]  # fmt: skip
+    return start_job("entrypoints.hpo", *args, env=env, cwd=cwd)
+
+
+def check_study(study: optuna.Study, store: str, n_trials: int, workers: int) -> None:
+    trials = study.get_trials(deepcopy=False)
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))
+    assert len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))) >= n_trials
+    runs = [r for r in all_runs(store) if r.data.tags.get("optuna.study_name") == study.study_name]
+    parents = {r.info.run_id for r in runs if r.data.tags.get("job") == "hpo"}
+    children = [r for r in runs if r.data.tags.get("job") == "hpo-trial"]
+    assert len(parents) == workers
+    by_trial = sorted(int(c.data.tags["optuna.trial_number"]) for c in children)
+    started = sorted(t.number for t in trials if t.state != TrialState.WAITING)
+    assert by_trial == started, "each started trial has exactly one child run"
+    assert all(c.data.tags.get("mlflow.parentRunId") in parents for c in children), "every child nested"
+    for trial in trials:
+        if trial.state != TrialState.WAITING:
+            assert trial.user_attrs["mlflow_run_id"] in {c.info.run_id for c in children}
+    assert not running(store), running(store)
+
+
+def test_four_sqlite_workers_one_killed_mid_trial(synthetic_data_dir: Path, fresh_store, tmp_path: Path) -> None:
+    store = fresh_store("store")
+    storage = f"sqlite:///{tmp_path / 'store' / 'optuna.db'}"
+    encoder = write_encoder_checkpoint(tmp_path / "encoder.pt", width=4)
+    env = child_env(store)
+    procs = [worker("four", synthetic_data_dir, encoder, 10, env, tmp_path) for _ in range(4)]
+    # SIGKILL whichever worker is first seen running a trial; the other three finish the study
+    by_pid = {str(p.pid): p for p in procs}
+    deadline = time.monotonic() + 180
+    victim, victim_trial = None, None
+    while victim is None and time.monotonic() < deadline:
+        try:
+            trials = optuna.load_study(study_name="four", storage=storage).get_trials(
+                deepcopy=False, states=(TrialState.RUNNING,)
+            )
+        except KeyError:  # the study does not exist yet
+            trials = []
+        runs = {r.info.run_id: r for r in all_runs(store)} if trials else {}
+        for trial in trials:
+            run = runs.get(trial.user_attrs.get("mlflow_run_id", ""))
+            proc = by_pid.get(run.data.tags.get("fewshot.pid", "")) if run else None
+            if proc is not None and proc.poll() is None:
+                victim, victim_trial = proc, trial.number
+                break
+        time.sleep(0.05)
+    assert victim is not None, "no worker was seen running a trial"
+    os.kill(victim.pid, signal.SIGKILL)
+    finish(victim)
+    survivors = [p for p in procs if p is not victim]
+    outputs = [finish(p) for p in survivors]
+    for proc, out in zip(survivors, outputs, strict=True):
+        assert proc.returncode == 0, out[-3000:]
+        assert not LOCK_ERRORS.search(out), out[-3000:]
+    assert sum("(created)" in out for out in outputs) <= 1
+    study = optuna.load_study(study_name="four", storage=storage)
+    dead = study.trials[victim_trial]
+    assert dead.state == TrialState.FAIL, "the killed worker's trial is detected (heartbeat) and failed"
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim_trial]
+    assert len(retries) == 1 and retries[0].params == dead.params
+    check_study(study, store, 10, workers=4)
+    runs = {r.info.run_id: r for r in all_runs(store)}
+    assert runs[dead.user_attrs["mlflow_run_id"]].info.status == "FAILED"
+
+
+def test_two_workers_on_a_real_postgresql_server(postgres, synthetic_data_dir: Path, fresh_store, tmp_path: Path):
+    store = fresh_store("store")
+    encoder = write_encoder_checkpoint(tmp_path / "encoder.pt", width=4)
+    env = child_env(store)
+    procs = [worker("pg", synthetic_data_dir, encoder, 6, env, tmp_path, "--storage", postgres.url) for _ in range(2)]
+    outputs = [finish(p) for p in procs]
+    for proc, out in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, out[-3000:]
+        assert not LOCK_ERRORS.search(out), out[-3000:]
+        assert "s3cret-pw" not in out, "the storage password is redacted in what a worker prints"
+    assert sum("(created)" in out for out in outputs) == 1
+    study = optuna.load_study(study_name="pg", storage=postgres.url.replace("postgresql://", "postgresql+psycopg2://"))
+    check_study(study, store, 6, workers=2)
+    for run in all_runs(store):
+        assert "s3cret-pw" not in str(run.data.params) + str(run.data.tags), "no password in params or tags"
