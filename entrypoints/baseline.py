@@ -27,8 +27,13 @@ from fewshot.train import OPTIMIZERS, SCHEDULES, FitConfig
     help="Epochs without validation-loss improvement before stopping (0: train all epochs, keep the best).",
 )
 @click.option("--min-delta", type=click.FloatRange(min=0), default=0.0, show_default=True)
-@click.option("--refit", type=click.BOOL, default=True, show_default=True,
-              help="After early stopping on the 75/25 split, retrain on all labeled images for as many epochs.")
+@click.option(
+    "--refit",
+    type=click.BOOL,
+    default=True,
+    show_default=True,
+    help="After early stopping on the 75/25 split, retrain on all labeled images for as many epochs.",
+)
 @click.option("--checkpoint-dir", default="", help="Also keep the best checkpoint in this folder.")
 def main(**opts) -> None:
     draw = draw_options(opts)

@@ -320,15 +320,12 @@ def start_run(
         kwargs = {"run_id": run_id, "nested": nested}
     if parent_run_id is not None:
         kwargs["parent_run_id"] = parent_run_id
-    run = mlflow.start_run(**kwargs)
+    # the owner's pid and host are written with the run itself: a SIGKILL right after creation
+    # must not leave a RUNNING run that reap_dead_runs cannot attribute
+    run = mlflow.start_run(**kwargs, tags={PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()})
     tracker = Tracker(run)
     try:
-        base_tags = {
-            "git_commit": git_commit(),
-            "tracking_uri": redact(mlflow.get_tracking_uri()),
-            PID_TAG: os.getpid(),
-            HOST_TAG: socket.gethostname(),
-        }
+        base_tags = {"git_commit": git_commit(), "tracking_uri": redact(mlflow.get_tracking_uri())}
         tracker.set_tags({**base_tags, **(_STEP_TAGS.get() or {}), **(tags or {})})
         try:
             yield tracker
@@ -359,7 +356,9 @@ def _version_score(client: MlflowClient, name: str, version: str) -> float | Non
         return None
 
 
-def register_model_version(model_uri: str, name: str, score: float, tags: dict[str, Any] | None = None) -> tuple[str, str]:
+def register_model_version(
+    model_uri: str, name: str, score: float, tags: dict[str, Any] | None = None
+) -> tuple[str, str]:
     """Register ``model_uri`` as a new version of ``name`` and give it an alias.
 
     ``score`` is the validation measure (higher is better, labeled training data only),
@@ -441,7 +440,9 @@ class FetchedModel:
     run_id: str | None
 
 
-def fetch_model_files(uri: str, dst: str | Path, option: str = "--encoder", store_uri: str | None = None) -> FetchedModel:
+def fetch_model_files(
+    uri: str, dst: str | Path, option: str = "--encoder", store_uri: str | None = None
+) -> FetchedModel:
     """Download the files of the MLflow model at ``uri`` (registry alias or version, logged model
     id, or run URI) into ``dst`` without loading (unpickling) it.
 
@@ -523,7 +524,11 @@ def find_model_version(name: str, tags: dict[str, str]) -> tuple[str, list[str]]
         return None
     for version in versions:
         if all(version.tags.get(k) == v for k, v in tags.items()):
-            aliases = [a for a, v in (client.get_registered_model(name).aliases or {}).items() if str(v) == str(version.version)]
+            aliases = [
+                a
+                for a, v in (client.get_registered_model(name).aliases or {}).items()
+                if str(v) == str(version.version)
+            ]
             return str(version.version), aliases
     return None
 

@@ -43,7 +43,9 @@ DEFAULT = Profile(
 )
 QUICK = Profile(
     baseline_epochs=15,
-    moco=PretrainConfig(epochs=1, width=8, batch_size=64, bn_splits=4, moco_k=256, max_steps_per_epoch=8, knn_test=False),
+    moco=PretrainConfig(
+        epochs=1, width=8, batch_size=64, bn_splits=4, moco_k=256, max_steps_per_epoch=8, knn_test=False
+    ),
     linear_epochs=30,
     finetune_epochs=3,
     hpo_trials=3,

@@ -67,8 +67,12 @@ def test_four_sqlite_workers_one_killed_mid_trial(synthetic_data_dir: Path, fres
             run = runs.get(trial.user_attrs.get("mlflow_run_id", ""))
             proc = by_pid.get(run.data.tags.get("fewshot.pid", "")) if run else None
             if proc is not None and proc.poll() is None:
-                victim, victim_trial = proc, trial.number
-                break
+                os.kill(proc.pid, signal.SIGSTOP)  # freeze it, then make sure the trial is still running
+                fresh = optuna.load_study(study_name="four", storage=storage).trials[trial.number]
+                if fresh.state == TrialState.RUNNING:
+                    victim, victim_trial = proc, trial.number
+                    break
+                os.kill(proc.pid, signal.SIGCONT)
         time.sleep(0.05)
     assert victim is not None, "no worker was seen running a trial"
     os.kill(victim.pid, signal.SIGKILL)
