@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fewshot import augment as aug
+from fewshot.checkpoints import load_checked, save_atomic
 from fewshot.data import MNIST, LabeledDraw, to_unit
 from fewshot.device import pick_device
 from fewshot.errors import TrainingDiverged, UserError
@@ -220,38 +221,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Write atomically: a temp file in the same folder, then rename over the target."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_atomic(state, path)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load and check a MoCo checkpoint; one-line UserError when missing or corrupt."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--resume {path}: no such checkpoint file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, pickle errors, wrong file type
-        raise UserError(
-            f"--resume {path}: not a readable checkpoint ({type(exc).__name__}); delete it or pass another"
-        ) from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(
-            f"--resume {path}: not a fewshot MoCo checkpoint (format {state.get('format') if isinstance(state, dict) else None!r}); "
-            "pass a checkpoint written by moco_pretrain (checkpoints/moco/<run name>/last.pt) or --resume never"
-        )
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise UserError(
-            f"--resume {path}: checkpoint version {state.get('version')} (this code reads {CHECKPOINT_VERSION})"
-        )
-    for key in ("encoder_spec", "encoder_state", "moco_state", "optimizer", "epoch", "step", "config"):
-        if key not in state:
-            raise UserError(f"--resume {path}: checkpoint lacks {key!r}; it is incomplete")
-    return state
+    return load_checked(
+        path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION,
+        ("encoder_spec", "encoder_state", "moco_state", "optimizer", "epoch", "step", "config"), "MoCo",
+        "; pass a checkpoint written by moco_pretrain (checkpoints/moco/<run name>/last.pt) or --resume never",
+    )  # fmt: skip
 
 
 def check_resume_config(cfg: PretrainConfig, state: dict[str, Any]) -> None:

@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fewshot import augment as aug
+from fewshot.checkpoints import load_checked, save_atomic
 from fewshot.data import MNIST, NUM_CLASSES, LabeledDraw, to_unit
 from fewshot.device import pick_device
 from fewshot.encoder_source import DEFAULT_ENCODER
@@ -451,33 +452,16 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    from fewshot.pretrain import save_checkpoint as atomic_save
-
-    atomic_save(state, path)
+    save_atomic(state, path)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load and check a semi-supervised checkpoint; one-line UserError when missing or corrupt."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--resume {path}: no such checkpoint file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, pickle errors, wrong file type
-        raise UserError(
-            f"--resume {path}: not a readable checkpoint ({type(exc).__name__}); delete it or pass another"
-        ) from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else None
-        raise UserError(f"--resume {path}: not a fewshot semi-supervised checkpoint (format {found!r})")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise UserError(
-            f"--resume {path}: checkpoint version {state.get('version')} (this code reads {CHECKPOINT_VERSION})"
-        )
-    for key in ("model_spec", "model", "optimizer", "labeler", "generator", "step", "history", "config"):
-        if key not in state:
-            raise UserError(f"--resume {path}: checkpoint lacks {key!r}; it is incomplete")
-    return state
+    return load_checked(
+        path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION,
+        ("model_spec", "model", "optimizer", "labeler", "generator", "step", "history", "config"),
+        "semi-supervised",
+    )  # fmt: skip
 
 
 def check_resume_config(cfg: SemisupConfig, state: dict[str, Any]) -> None:

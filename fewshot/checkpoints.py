@@ -1,0 +1,46 @@
+"""Checkpoint files: written atomically, read back without unpickling code, checked for format."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewshot.errors import UserError
+
+
+def save_atomic(state: dict[str, Any], path: str | Path) -> None:
+    """Write to a temp file in the same folder, then rename over the target: a reader sees the old
+    file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checked(
+    path: str | Path, fmt: str, version: int, required: tuple[str, ...], kind: str, hint: str = ""
+) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` and check its format, version and keys;
+    every problem is a one-line UserError naming ``--resume``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--resume {path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle errors, wrong file type
+        raise UserError(
+            f"--resume {path}: not a readable checkpoint ({type(exc).__name__}); delete it or pass another"
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        found = state.get("format") if isinstance(state, dict) else None
+        raise UserError(f"--resume {path}: not a fewshot {kind} checkpoint (format {found!r}){hint}")
+    if state.get("version") != version:
+        raise UserError(f"--resume {path}: checkpoint version {state.get('version')} (this code reads {version})")
+    for key in required:
+        if key not in state:
+            raise UserError(f"--resume {path}: checkpoint lacks {key!r}; it is incomplete")
+    return state
