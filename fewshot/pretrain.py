@@ -599,15 +599,10 @@ def run_pretrain(
             tracker.log_figure(views_figure(mnist, draw, cfg.view_spec(), cfg.seed), "augmentation/views.png")
         else:
             tracker.set_tags({"resumed_from_step": state["step"]})
-            for epoch, metrics in enumerate(state["history"]):  # an epoch logged after its checkpoint was lost
-                if epoch not in already:
-                    tracker.log_step_metrics(metrics, step=epoch)
-                    already.add(epoch)
+            tracker.log_new_steps(enumerate(state["history"]), already)  # epochs whose logging was lost
 
         def log_epoch(epoch: int, metrics: Metrics) -> None:
-            if epoch not in already:
-                tracker.log_step_metrics(metrics, step=epoch)
-            tracker.flush()  # logged before the checkpoint that follows: a resume never loses a step
+            tracker.log_new_steps([(epoch, metrics)], already)
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
 

@@ -834,15 +834,11 @@ def run_semisup(
                 tracker.log_metrics({"warmup_head_val_top1": head_val})
         else:
             tracker.set_tags({"resumed_from_step": state["step"]})
-            for metrics in state["history"]:  # an evaluation logged after its checkpoint was lost
-                if int(metrics["step"]) not in already:
-                    tracker.log_step_metrics(metrics, step=int(metrics["step"]))
-                    already.add(int(metrics["step"]))
+            # evaluations whose logging was lost
+            tracker.log_new_steps(((int(m["step"]), m) for m in state["history"]), already)
 
         def log_eval(step: int, metrics: Metrics) -> None:
-            if step not in already:
-                tracker.log_step_metrics(metrics, step=step)
-            tracker.flush()  # logged before the checkpoint that follows: a resume never loses a step
+            tracker.log_new_steps([(step, metrics)], already)
             if on_eval is not None:
                 on_eval(step, metrics)
 

@@ -14,7 +14,7 @@ import tempfile
 import time
 import urllib.parse
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,6 +219,16 @@ class Tracker:
         self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
         if time.monotonic() - self._last_flush >= self.FLUSH_SECONDS:
             self.flush()
+
+    def log_new_steps(self, steps: Iterable[tuple[int, dict[str, float]]], logged: set[int]) -> None:
+        """Log each (step, metrics) whose step is not in ``logged`` yet, then flush: a resumed run
+        replays its checkpoint's history without logging a step twice, and a step is in the store
+        before the checkpoint that follows it."""
+        for step, metrics in steps:
+            if step not in logged:
+                self.log_step_metrics(metrics, step=step)
+                logged.add(step)
+        self.flush()
 
     def flush(self) -> None:
         for start in range(0, len(self._pending), 1000):
