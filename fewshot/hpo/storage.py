@@ -34,6 +34,7 @@ from fewshot.errors import UserError
 
 HEARTBEAT_ATTR = "fewshot:heartbeat"
 MAX_RETRY = 2
+GRACE_HEARTBEATS = 3  # a trial whose heartbeat is this many intervals old belongs to a dead worker
 JOURNAL_PREFIX = "journal://"
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
@@ -114,7 +115,7 @@ def open_storage(
     tracking side uses it to close the dead trial's MLflow run). Raises UserError when the
     storage cannot be opened.
     """
-    grace = grace_period or 3 * heartbeat_interval
+    grace = grace_period or GRACE_HEARTBEATS * heartbeat_interval
     retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
 
     def stale_callback(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -148,6 +149,23 @@ def open_storage(
             f"{text[0][:200] if text else ''}); pass a sqlite:///, postgresql://, mysql:// or journal:/// URL "
             "that this machine can reach"
         ) from exc
+
+
+def settle_dead_trials(study: optuna.Study, heartbeat_interval: int, echo: Callable[[str], None]) -> None:
+    """Before a worker leaves: wait, at most a grace period and one heartbeat, until no trial is RUNNING, failing
+    (and re-queueing) those whose heartbeat went stale. Otherwise a worker killed near the end of
+    a study leaves its trial RUNNING, with no worker left to notice."""
+    wait = (GRACE_HEARTBEATS + 1) * heartbeat_interval
+    deadline = time.monotonic() + wait
+    optuna.storages.fail_stale_trials(study)
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if running:
+        echo(f"waiting up to {wait} s for {len(running)} running trial(s) of other workers: a dead worker's "
+             "trial is failed and re-queued once its heartbeat is stale")  # fmt: skip
+    while running and time.monotonic() < deadline:
+        time.sleep(min(1.0, heartbeat_interval))
+        optuna.storages.fail_stale_trials(study)
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
 
 
 @contextlib.contextmanager

@@ -142,7 +142,7 @@ def run_hpo(cfg: HpoConfig, echo=print) -> HpoResult:
         if _finished(study) < cfg.n_trials:
             study.optimize(runner, n_trials=None, timeout=cfg.timeout or None, n_jobs=cfg.n_jobs,
                            callbacks=[stopper], catch=(Exception,))  # fmt: skip
-        optuna.storages.fail_stale_trials(study)
+        st.settle_dead_trials(study, cfg.heartbeat_seconds, echo)
         if stopper.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
             last = runner.failures[-1] if runner.failures else "see the failed trials' runs"
             raise UserError(f"{MAX_FAILURES_IN_A_ROW} trials failed in a row ({last}); fix the cause and resume")

@@ -4,14 +4,18 @@ under a worker's parent run, no worker sees a lock error, nothing is left RUNNIN
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
 import optuna
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
+from sqlalchemy.exc import OperationalError
 
 from tests.hpo_helpers import write_encoder_checkpoint
 from tests.reliability.conftest import all_runs, child_env, finish, running, start_job
@@ -24,6 +28,21 @@ def worker(study: str, data_dir: Path, encoder: Path, n_trials: int, env: dict, 
             "--budget", "40", "--data-dir", str(data_dir), "--encoder", str(encoder), "--pruner", "none",
             "--heartbeat", "1", *extra]  # fmt: skip
     return start_job("entrypoints.hpo", *args, env=env, cwd=cwd)
+
+
+def observe_study(db: Path, name: str, deadline: float) -> optuna.Study:
+    """The study as an observer sees it, once a worker has created it. Opened once, read-only
+    in spirit, with a short lock timeout so a worker frozen inside a write cannot hang the test."""
+    while time.monotonic() < deadline:
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as conn:
+                if conn.execute("SELECT 1 FROM studies WHERE study_name = ?", (name,)).fetchone():
+                    break
+        except sqlite3.OperationalError:  # no file or no schema yet, or locked
+            pass
+        time.sleep(0.1)
+    storage = RDBStorage(f"sqlite:///{db}", engine_kwargs={"connect_args": {"timeout": 2}})
+    return optuna.load_study(study_name=name, storage=storage)
 
 
 def check_study(study: optuna.Study, store: str, n_trials: int, workers: int) -> None:
@@ -54,13 +73,12 @@ def test_four_sqlite_workers_one_killed_mid_trial(synthetic_data_dir: Path, fres
     # SIGKILL whichever worker is first seen running a trial; the other three finish the study
     by_pid = {str(p.pid): p for p in procs}
     deadline = time.monotonic() + 180
+    observer = observe_study(tmp_path / "store" / "optuna.db", "four", deadline)
     victim, victim_trial = None, None
     while victim is None and time.monotonic() < deadline:
         try:
-            trials = optuna.load_study(study_name="four", storage=storage).get_trials(
-                deepcopy=False, states=(TrialState.RUNNING,)
-            )
-        except KeyError:  # the study does not exist yet
+            trials = observer.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        except OperationalError:  # a worker holds the write lock; look again
             trials = []
         runs = {r.info.run_id: r for r in all_runs(store)} if trials else {}
         for trial in trials:
@@ -68,8 +86,11 @@ def test_four_sqlite_workers_one_killed_mid_trial(synthetic_data_dir: Path, fres
             proc = by_pid.get(run.data.tags.get("fewshot.pid", "")) if run else None
             if proc is not None and proc.poll() is None:
                 os.kill(proc.pid, signal.SIGSTOP)  # freeze it, then make sure the trial is still running
-                fresh = optuna.load_study(study_name="four", storage=storage).trials[trial.number]
-                if fresh.state == TrialState.RUNNING:
+                try:
+                    still_running = observer.trials[trial.number].state == TrialState.RUNNING
+                except OperationalError:  # frozen while holding the lock: let it go on
+                    still_running = False
+                if still_running:
                     victim, victim_trial = proc, trial.number
                     break
                 os.kill(proc.pid, signal.SIGCONT)
