@@ -30,6 +30,7 @@ from fewshot.data import MNIST, LabeledDraw, to_unit
 from fewshot.device import pick_device
 from fewshot.errors import TrainingDiverged, UserError
 from fewshot.evaluate import extract_features, knn_scores
+from fewshot.interrupts import StopAtStepBoundary
 from fewshot.moco import MoCo, average_buffers, check_queue, cosine_momentum, distributed, warmup_cosine_lr
 from fewshot.models import ENCODERS, build_encoder
 
@@ -399,94 +400,109 @@ def pretrain(
     started = time.perf_counter()
     last_checkpoint = time.monotonic()
     bar = tqdm(total=total_steps, initial=step, desc="moco", disable=not cfg.progress or rank != 0, dynamic_ncols=True)
-    for epoch in range(start_epoch, cfg.epochs):
-        if mid_epoch is not None:
-            order = mid_epoch["order"].to(device)
-            first_step = mid_epoch["step_in_epoch"]
-            sums = dict(mid_epoch["sums"])
-            mid_epoch = None
-        else:
-            order = torch.randperm(n, generator=order_gen, device=device)
-            aug_gen.manual_seed(_aug_seed(cfg.seed, epoch, rank))
-            first_step = 0
-            sums = {"loss": 0.0, "acc": 0.0, "steps": 0, "seconds": 0.0, "augment_seconds": 0.0}
-        model.train()
-        check_every = 25 if cuda else 1  # a host sync per check; every step is free on CPU
-        running = torch.zeros(2, device=device)  # loss and contrastive top-1 since the last check
-        epoch_t0 = time.perf_counter()
+    # Ctrl-C / SIGTERM: finish the step, write a mid-epoch checkpoint, then stop (one process only)
+    with StopAtStepBoundary(enabled=world == 1) as stop:
+        for epoch in range(start_epoch, cfg.epochs):
+            if mid_epoch is not None:
+                order = mid_epoch["order"].to(device)
+                first_step = mid_epoch["step_in_epoch"]
+                sums = dict(mid_epoch["sums"])
+                mid_epoch = None
+            else:
+                order = torch.randperm(n, generator=order_gen, device=device)
+                aug_gen.manual_seed(_aug_seed(cfg.seed, epoch, rank))
+                first_step = 0
+                sums = {"loss": 0.0, "acc": 0.0, "steps": 0, "seconds": 0.0, "augment_seconds": 0.0}
+            model.train()
+            check_every = 25 if cuda else 1  # a host sync per check; every step is free on CPU
+            running = torch.zeros(2, device=device)  # loss and contrastive top-1 since the last check
+            epoch_t0 = time.perf_counter()
 
-        for i in range(first_step, steps_per_epoch):
-            t0 = time.perf_counter()
-            idx = order[i * global_batch + rank * cfg.batch_size : i * global_batch + (rank + 1) * cfg.batch_size]
-            x1, x2 = aug.two_views(to_unit(pool[idx]), spec, aug_gen)
+            for i in range(first_step, steps_per_epoch):
+                t0 = time.perf_counter()
+                idx = order[i * global_batch + rank * cfg.batch_size : i * global_batch + (rank + 1) * cfg.batch_size]
+                x1, x2 = aug.two_views(to_unit(pool[idx]), spec, aug_gen)
+                if not cuda:
+                    sums["augment_seconds"] += time.perf_counter() - t0
+                x1 = x1.contiguous(memory_format=memory_format)
+                x2 = x2.contiguous(memory_format=memory_format)
+                lr = warmup_cosine_lr(cfg.lr, step, total_steps, warmup_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                progress = step / max(1, total_steps - 1)
+                m = cosine_momentum(cfg.moco_m, progress) if cfg.m_schedule == "cosine" else cfg.moco_m
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                    loss, logits = net(x1, x2, m, order_gen)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                running[0] += loss.detach().float()
+                running[1] += (logits.detach().argmax(1) == 0).float().mean()
+                sums["steps"] += 1
+                if sums["steps"] % check_every == 0 or i + 1 == steps_per_epoch:
+                    _drain(running, sums, cfg, epoch, step)
+                bar.update(1)
+                if step % 10 == 0 and not cuda:
+                    bar.set_postfix(
+                        loss=f"{sums['loss'] / sums['steps']:.3f}",
+                        ips=f"{global_batch / (time.perf_counter() - t0):.0f}",
+                    )
+                minutes = cfg.checkpoint_minutes
+                due = minutes > 0 and time.monotonic() - last_checkpoint >= minutes * 60
+                if (due or stop.requested is not None) and i + 1 < steps_per_epoch and world == 1:
+                    _drain(running, sums, cfg, epoch, step)
+                    seconds = sums["seconds"] + time.perf_counter() - epoch_t0
+                    checkpoint(
+                        epoch, {"order": order.cpu(), "step_in_epoch": i + 1, "sums": {**sums, "seconds": seconds}}
+                    )
+                    last_checkpoint = time.monotonic()
+                    stop.raise_if_requested()
+            if cuda:
+                torch.cuda.synchronize(device)
+            sums["seconds"] += time.perf_counter() - epoch_t0
+            average_buffers(model)
+            model.eval()
+            metrics = {
+                "loss": sums["loss"] / sums["steps"],
+                "contrastive_acc": sums["acc"] / sums["steps"],
+                "lr": lr,
+                "moco_m": m,
+                "images_per_s": sums["steps"] * global_batch / max(sums["seconds"], 1e-9),
+                "knn_val_acc": knn_accuracy(
+                    model.backbone_q,
+                    labeled.x_train,
+                    labeled.y_train,
+                    labeled.x_val,
+                    labeled.y_val,
+                    cfg.knn_k,
+                    cfg.knn_t,
+                ),
+            }
             if not cuda:
-                sums["augment_seconds"] += time.perf_counter() - t0
-            x1 = x1.contiguous(memory_format=memory_format)
-            x2 = x2.contiguous(memory_format=memory_format)
-            lr = warmup_cosine_lr(cfg.lr, step, total_steps, warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            progress = step / max(1, total_steps - 1)
-            m = cosine_momentum(cfg.moco_m, progress) if cfg.m_schedule == "cosine" else cfg.moco_m
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss, logits = net(x1, x2, m, order_gen)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            running[0] += loss.detach().float()
-            running[1] += (logits.detach().argmax(1) == 0).float().mean()
-            sums["steps"] += 1
-            if sums["steps"] % check_every == 0 or i + 1 == steps_per_epoch:
-                _drain(running, sums, cfg, epoch, step)
-            bar.update(1)
-            if step % 10 == 0 and not cuda:
-                bar.set_postfix(
-                    loss=f"{sums['loss'] / sums['steps']:.3f}", ips=f"{global_batch / (time.perf_counter() - t0):.0f}"
+                metrics["augment_share"] = sums["augment_seconds"] / max(sums["seconds"], 1e-9)
+            if labeled.x_test is not None:
+                metrics["knn_test_acc"] = knn_accuracy(
+                    model.backbone_q,
+                    labeled.x_train,
+                    labeled.y_train,
+                    labeled.x_test,
+                    labeled.y_test,
+                    cfg.knn_k,
+                    cfg.knn_t,
                 )
-            minutes = cfg.checkpoint_minutes
-            if (
-                minutes > 0
-                and time.monotonic() - last_checkpoint >= minutes * 60
-                and i + 1 < steps_per_epoch
-                and world == 1
-            ):
-                _drain(running, sums, cfg, epoch, step)
-                seconds = sums["seconds"] + time.perf_counter() - epoch_t0
-                checkpoint(epoch, {"order": order.cpu(), "step_in_epoch": i + 1, "sums": {**sums, "seconds": seconds}})
-                last_checkpoint = time.monotonic()
-        if cuda:
-            torch.cuda.synchronize(device)
-        sums["seconds"] += time.perf_counter() - epoch_t0
-        average_buffers(model)
-        model.eval()
-        metrics = {
-            "loss": sums["loss"] / sums["steps"],
-            "contrastive_acc": sums["acc"] / sums["steps"],
-            "lr": lr,
-            "moco_m": m,
-            "images_per_s": sums["steps"] * global_batch / max(sums["seconds"], 1e-9),
-            "knn_val_acc": knn_accuracy(
-                model.backbone_q, labeled.x_train, labeled.y_train, labeled.x_val, labeled.y_val, cfg.knn_k, cfg.knn_t
-            ),
-        }
-        if not cuda:
-            metrics["augment_share"] = sums["augment_seconds"] / max(sums["seconds"], 1e-9)
-        if labeled.x_test is not None:
-            metrics["knn_test_acc"] = knn_accuracy(
-                model.backbone_q, labeled.x_train, labeled.y_train, labeled.x_test, labeled.y_test, cfg.knn_k, cfg.knn_t
-            )
-        if evaluate is not None:
-            t_eval = time.perf_counter()
-            metrics.update(evaluate(epoch, model.backbone_q))
-            metrics["evaluate_s"] = time.perf_counter() - t_eval
-        metrics["elapsed_s"] = time.perf_counter() - started
-        history.append(metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", knn_val=f"{metrics['knn_val_acc']:.3f}")
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
-        checkpoint(epoch + 1, None)
-        last_checkpoint = time.monotonic()
+            if evaluate is not None:
+                t_eval = time.perf_counter()
+                metrics.update(evaluate(epoch, model.backbone_q))
+                metrics["evaluate_s"] = time.perf_counter() - t_eval
+            metrics["elapsed_s"] = time.perf_counter() - started
+            history.append(metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", knn_val=f"{metrics['knn_val_acc']:.3f}")
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
+            checkpoint(epoch + 1, None)
+            last_checkpoint = time.monotonic()
+            stop.raise_if_requested()
     bar.close()
     model.eval()
     return PretrainResult(
@@ -513,16 +529,27 @@ def checkpoint_file(checkpoint_dir: str | Path | None, run_name: str) -> Path:
 
 
 def resolve_resume(resume: str, default_path: Path) -> dict[str, Any] | None:
-    """``auto``: continue ``default_path`` when it holds an unfinished run; ``never``: start
-    fresh; anything else is a checkpoint path that must load."""
+    """``auto``: continue ``default_path`` when it holds an unfinished run, or a finished training
+    whose MLflow run was stopped before it logged the encoder (then only the logging is redone);
+    ``never``: start fresh; anything else is a checkpoint path that must load."""
     if resume == "never":
         return None
     if resume == "auto":
         if not default_path.is_file():
             return None
         state = load_checkpoint(default_path)
-        return None if state.get("finished") else state
+        return state if not state.get("finished") or _logging_unfinished(state) else None
     return load_checkpoint(resume)
+
+
+def _logging_unfinished(state: dict[str, Any]) -> bool:
+    from fewshot import tracking
+
+    run_id = state.get("mlflow_run_id")
+    if run_id is None or distributed() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return False
+    tracking.configure()
+    return tracking.run_status(run_id) not in (None, "FINISHED")
 
 
 def init_distributed(device: str) -> tuple[int, int]:

@@ -644,12 +644,16 @@ def logged_steps(run_id: str, key: str) -> set[int]:
     return {m.step for m in MlflowClient().get_metric_history(run_id, key)}
 
 
-def run_exists(run_id: str) -> bool:
+def run_status(run_id: str) -> str | None:
+    """The run's status (``RUNNING``, ``FINISHED``, ``KILLED``, ...), None when this store lacks it."""
     try:
-        MlflowClient().get_run(run_id)
+        return MlflowClient().get_run(run_id).info.status
     except MlflowException:
-        return False
-    return True
+        return None
+
+
+def run_exists(run_id: str) -> bool:
+    return run_status(run_id) is not None
 
 
 def checkpoint_root() -> Path:

@@ -17,7 +17,6 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -203,5 +202,33 @@ def test_sigterm_stops_moco_cleanly_marks_the_run_killed_and_keeps_a_checkpoint(
     assert run.info.status == "KILLED"
     state = torch.load(last, map_location="cpu", weights_only=True)
     assert state["mlflow_run_id"] == run.info.run_id and not state["finished"]
-    if state["mid_epoch"] is None:  # see the report of issue 7: no checkpoint is written on interrupt
-        pytest.xfail(f"SIGTERM kept the epoch-end checkpoint of step {state['step']}, not one at the interrupted step")
+    mid = state["mid_epoch"]
+    assert mid is not None, f"SIGTERM kept only the epoch-end checkpoint of step {state['step']}"
+    assert mid["step_in_epoch"] > 0 and 1 <= state["epoch"] < EPOCHS, "the checkpoint is of the interrupted step"
+    rerun = start_job("entrypoints.moco_pretrain", *args, env=child_env(store), cwd=tmp_path)
+    out = finish(rerun)
+    assert rerun.returncode == 0, out[-3000:]
+    (resumed,) = all_runs(store)
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED", "resumed in place"
+
+
+def test_a_run_stopped_after_its_final_checkpoint_only_redoes_the_logging(
+    synthetic_data_dir: Path, fresh_store, tmp_path: Path
+) -> None:
+    store = fresh_store("tail")
+    args = moco_args(synthetic_data_dir, tmp_path / "ck", "tail")
+    first = start_job("entrypoints.moco_pretrain", *args, env=child_env(store), cwd=tmp_path)
+    out = finish(first)
+    assert first.returncode == 0, out[-3000:]
+    (run,) = all_runs(store)
+    client = MlflowClient(store)
+    # what a kill between the final checkpoint and the end of logging leaves behind
+    client.set_terminated(run.info.run_id, status="KILLED")
+    final_step = torch.load(tmp_path / "ck" / "tail" / "last.pt", map_location="cpu", weights_only=True)["step"]
+    rerun = start_job("entrypoints.moco_pretrain", *args, env=child_env(store), cwd=tmp_path)
+    out = finish(rerun)
+    assert rerun.returncode == 0, out[-3000:]
+    (again,) = all_runs(store)
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert again.data.tags["resumed_from_step"] == str(final_step), "no step was trained again"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(EPOCHS))
