@@ -44,3 +44,14 @@ def load_checked(
         if key not in state:
             raise UserError(f"--resume {path}: checkpoint lacks {key!r}; it is incomplete")
     return state
+
+
+def check_same_settings(saved: dict[str, Any], cfg: Any, keys: tuple[str, ...]) -> None:
+    """A resume must not change the settings that shape training: compare ``cfg``'s ``keys``
+    with the checkpoint's saved config; one-line UserError naming what differs."""
+    changed = [k for k in keys if k in saved and saved[k] != getattr(cfg, k)]
+    if changed:
+        diffs = ", ".join(f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
+        raise UserError(
+            f"--resume: the checkpoint was made with other settings ({diffs}); rerun with them or start fresh"
+        )

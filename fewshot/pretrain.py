@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fewshot import augment as aug
-from fewshot.checkpoints import load_checked, save_atomic
+from fewshot.checkpoints import check_same_settings, load_checked, save_atomic
 from fewshot.data import MNIST, LabeledDraw, to_unit
 from fewshot.device import pick_device
 from fewshot.errors import TrainingDiverged, UserError
@@ -235,13 +235,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def check_resume_config(cfg: PretrainConfig, state: dict[str, Any]) -> None:
-    saved = state["config"]
-    changed = [k for k in PretrainConfig.RESUME_KEYS if k in saved and saved[k] != getattr(cfg, k)]
-    if changed:
-        diffs = ", ".join(f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
-        raise UserError(
-            f"--resume: the checkpoint was made with other settings ({diffs}); rerun with them or start fresh"
-        )
+    check_same_settings(state["config"], cfg, PretrainConfig.RESUME_KEYS)
 
 
 def encoder_from_checkpoint(state: dict[str, Any]) -> nn.Module:

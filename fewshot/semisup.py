@@ -32,12 +32,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fewshot import augment as aug
-from fewshot.checkpoints import load_checked, save_atomic
+from fewshot.checkpoints import check_same_settings, load_checked, save_atomic
 from fewshot.data import MNIST, NUM_CLASSES, LabeledDraw, to_unit
 from fewshot.device import pick_device
 from fewshot.encoder_source import DEFAULT_ENCODER
 from fewshot.errors import TrainingDiverged, UserError
 from fewshot.evaluate import predict_logits
+from fewshot.interrupts import StopAtStepBoundary
 from fewshot.models import ENCODERS, DigitEncoder, EncoderClassifier, ResNetEncoder, build_encoder
 
 RANDOM_INIT = "random"
@@ -465,13 +466,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def check_resume_config(cfg: SemisupConfig, state: dict[str, Any]) -> None:
-    saved = state["config"]
-    changed = [k for k in SemisupConfig.RESUME_KEYS if k in saved and saved[k] != getattr(cfg, k)]
-    if changed:
-        diffs = ", ".join(f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
-        raise UserError(
-            f"--resume: the checkpoint was made with other settings ({diffs}); rerun with them or start fresh"
-        )
+    check_same_settings(state["config"], cfg, SemisupConfig.RESUME_KEYS)
 
 
 # ---------------------------------------------------------------- the loop
@@ -573,71 +568,77 @@ def train_semisup(
     bar = tqdm(total=total, initial=step, desc="semisup", disable=not cfg.progress, dynamic_ncols=True)
     window_start = time.perf_counter()
     window_steps = 0
-    while step < total:
-        epoch, i = divmod(step, steps_per_pass)
-        if epoch != order_epoch:
-            order, order_epoch = _pool_order(cfg.seed, epoch, n_pool, device), epoch
-        positions = order[i * unlabeled_batch : (i + 1) * unlabeled_batch]
-        labeled = torch.randint(n_labeled, (cfg.batch_size,), generator=generator, device=device)
-        x_l = aug.random_affine(data.x_train[labeled], weak, generator)
-        u = to_unit(data.pool[positions])
-        u_weak = aug.random_affine(u, weak, generator)
-        u_strong = aug.random_view(u, strong, generator)
-        lr = fixmatch_lr(cfg.lr, step, total)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_ratio"]
-        teacher = ema.model if (ema is not None and cfg.targets == "ema") else model
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            out = consistency_loss(
-                model, teacher, x_l, data.y_train[labeled], u_weak, u_strong, positions, labeler, cfg.lambda_u
-            )
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-        step += 1
-        window_steps += 1
-        if ema is not None:
-            ema.update(model, step)
-        monitor.add(out, data.pool_labels[positions] if with_labels else None)
-        bar.update(1)
-        if step % cfg.eval_every == 0 or step == total:
-            if cuda:
-                torch.cuda.synchronize(device)
-            window_seconds = time.perf_counter() - window_start
-            seconds += window_seconds
-            metrics = monitor.metrics(with_labels)
-            if not (math.isfinite(metrics["sup_loss"]) and math.isfinite(metrics["unsup_loss"])):
-                raise TrainingDiverged(
-                    f"semi-supervised training diverged by step {step} (loss {metrics['sup_loss']} + "
-                    f"{metrics['unsup_loss']}); lower --lr (now {cfg.lr})"
+    # Ctrl-C / SIGTERM: finish the step, write a checkpoint, then stop
+    with StopAtStepBoundary() as stop:
+        while step < total:
+            epoch, i = divmod(step, steps_per_pass)
+            if epoch != order_epoch:
+                order, order_epoch = _pool_order(cfg.seed, epoch, n_pool, device), epoch
+            positions = order[i * unlabeled_batch : (i + 1) * unlabeled_batch]
+            labeled = torch.randint(n_labeled, (cfg.batch_size,), generator=generator, device=device)
+            x_l = aug.random_affine(data.x_train[labeled], weak, generator)
+            u = to_unit(data.pool[positions])
+            u_weak = aug.random_affine(u, weak, generator)
+            u_strong = aug.random_view(u, strong, generator)
+            lr = fixmatch_lr(cfg.lr, step, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_ratio"]
+            teacher = ema.model if (ema is not None and cfg.targets == "ema") else model
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                out = consistency_loss(
+                    model, teacher, x_l, data.y_train[labeled], u_weak, u_strong, positions, labeler, cfg.lambda_u
                 )
-            scored = evaluated()
-            metrics["val_acc"], metrics["val_loss"], _ = evaluate_model(scored, data.x_val, data.y_val)
-            if cfg.eval_test and data.x_test is not None:
-                metrics["test_acc"], _, _ = evaluate_model(scored, data.x_test, data.y_test)
-            thresholds = labeler.thresholds()
-            if isinstance(thresholds, torch.Tensor):
-                metrics["threshold_min"] = float(thresholds.min())
-                metrics["threshold_mean"] = float(thresholds.mean())
-            if cfg.dist_align:
-                metrics["p_model_max"] = float(labeler.p_model.max())
-                metrics["p_model_min"] = float(labeler.p_model.min())
-            metrics.update(
-                lr=lr, step=step, unlabeled_per_s=window_steps * unlabeled_batch / max(window_seconds, 1e-9),
-                train_seconds=seconds,
-            )  # fmt: skip
-            history.append(metrics)
-            last_confusion = monitor.confusion.view(NUM_CLASSES, NUM_CLASSES).cpu().clone()
-            monitor.reset()
-            shown = {"val": f"{metrics['val_acc']:.3f}", "mask": f"{metrics['mask_rate']:.2f}"}
-            if "test_acc" in metrics:
-                shown["test"] = f"{metrics['test_acc']:.4f}"
-            bar.set_postfix(shown)
-            if on_eval is not None:
-                on_eval(step, metrics)
-            checkpoint()
-            window_start = time.perf_counter()
-            window_steps = 0
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            step += 1
+            window_steps += 1
+            if ema is not None:
+                ema.update(model, step)
+            monitor.add(out, data.pool_labels[positions] if with_labels else None)
+            bar.update(1)
+            if step % cfg.eval_every == 0 or step == total:
+                if cuda:
+                    torch.cuda.synchronize(device)
+                window_seconds = time.perf_counter() - window_start
+                seconds += window_seconds
+                metrics = monitor.metrics(with_labels)
+                if not (math.isfinite(metrics["sup_loss"]) and math.isfinite(metrics["unsup_loss"])):
+                    raise TrainingDiverged(
+                        f"semi-supervised training diverged by step {step} (loss {metrics['sup_loss']} + "
+                        f"{metrics['unsup_loss']}); lower --lr (now {cfg.lr})"
+                    )
+                scored = evaluated()
+                metrics["val_acc"], metrics["val_loss"], _ = evaluate_model(scored, data.x_val, data.y_val)
+                if cfg.eval_test and data.x_test is not None:
+                    metrics["test_acc"], _, _ = evaluate_model(scored, data.x_test, data.y_test)
+                thresholds = labeler.thresholds()
+                if isinstance(thresholds, torch.Tensor):
+                    metrics["threshold_min"] = float(thresholds.min())
+                    metrics["threshold_mean"] = float(thresholds.mean())
+                if cfg.dist_align:
+                    metrics["p_model_max"] = float(labeler.p_model.max())
+                    metrics["p_model_min"] = float(labeler.p_model.min())
+                metrics.update(
+                    lr=lr, step=step, unlabeled_per_s=window_steps * unlabeled_batch / max(window_seconds, 1e-9),
+                    train_seconds=seconds,
+                )  # fmt: skip
+                history.append(metrics)
+                last_confusion = monitor.confusion.view(NUM_CLASSES, NUM_CLASSES).cpu().clone()
+                monitor.reset()
+                shown = {"val": f"{metrics['val_acc']:.3f}", "mask": f"{metrics['mask_rate']:.2f}"}
+                if "test_acc" in metrics:
+                    shown["test"] = f"{metrics['test_acc']:.4f}"
+                bar.set_postfix(shown)
+                if on_eval is not None:
+                    on_eval(step, metrics)
+                checkpoint()
+                window_start = time.perf_counter()
+                window_steps = 0
+            elif stop.requested is not None:  # the window's monitor metrics restart on resume; training does not
+                seconds += time.perf_counter() - window_start
+                checkpoint()
+            stop.raise_if_requested()
     bar.close()
     model.eval()
     final = evaluated().eval()

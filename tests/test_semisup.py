@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fewshot import augment as aug
 from fewshot import report
@@ -203,6 +205,36 @@ def test_resume_reproduces_the_uninterrupted_run(mnist, draw, tmp_path: Path) ->
     assert load_checkpoint(path)["finished"]
     with pytest.raises(UserError, match="tau 0.5 -> 0.7"):
         train_semisup(replace(cfg, tau=0.7), data, prepare_model(cfg, data, None), resume_state=state)
+
+
+def test_ctrl_c_mid_window_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(
+    mnist, draw, tmp_path: Path
+) -> None:
+    cfg = tiny()
+    data = semisup_data(mnist, draw, "cpu")
+    reference = train_semisup(cfg, data, prepare_model(cfg, data, None))
+    steps_taken = 0
+
+    def ctrl_c_during_step_5(optimizer, args, kwargs) -> None:
+        nonlocal steps_taken
+        steps_taken += 1
+        if steps_taken == 5:  # between evaluations (every 3 steps): the handler only sets a flag
+            signal.raise_signal(signal.SIGINT)
+
+    path = tmp_path / "last.pt"
+    hook = register_optimizer_step_post_hook(ctrl_c_during_step_5)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_semisup(cfg, data, prepare_model(cfg, data, None), checkpoint_path=path)
+    finally:
+        hook.remove()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handler is put back"
+    state = load_checkpoint(path)
+    assert state["step"] == 5 and not state["finished"], "the interrupted step finished and was saved"
+    resumed = train_semisup(cfg, data, prepare_model(cfg, data, None), resume_state=state)
+    assert resumed.steps == 9
+    assert same_weights(resumed.online, reference.online) and same_weights(resumed.model, reference.model)
+    assert [h["val_acc"] for h in resumed.history] == [h["val_acc"] for h in reference.history]
 
 
 @pytest.mark.parametrize(
