@@ -4,9 +4,9 @@ import click
 
 from fewshot.augment import AUGMENT_CHOICES
 from fewshot.baseline import BaselineConfig, run_baseline
-from fewshot.cli import FewshotCommand, common_options, draw_options
+from fewshot.cli import FewshotCommand, common_options, draw_options, fit_options
 from fewshot.models import CLASSIFIERS
-from fewshot.train import OPTIMIZERS, SCHEDULES, FitConfig
+from fewshot.train import OPTIMIZERS, FitConfig
 
 
 @click.command(cls=FewshotCommand)
@@ -14,18 +14,7 @@ from fewshot.train import OPTIMIZERS, SCHEDULES, FitConfig
 @click.option("--model", type=click.Choice(list(CLASSIFIERS)), default="cnn", show_default=True)
 @click.option("--augment", type=click.Choice(AUGMENT_CHOICES), default="online", show_default=True)
 @click.option("--augment-strength", type=click.FloatRange(0, 3), default=1.0, show_default=True)
-@click.option(
-    "--optimizer", type=click.Choice([o for o in OPTIMIZERS if o != "lbfgs"]), default="adamw", show_default=True
-)
-@click.option("--weight-decay", type=click.FloatRange(min=0, max=1), default=1e-4, show_default=True)
-@click.option("--schedule", type=click.Choice(SCHEDULES), default="onecycle", show_default=True)
-@click.option(
-    "--patience",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Epochs without validation-loss improvement before stopping (0: train all epochs, keep the best).",
-)
+@fit_options([o for o in OPTIMIZERS if o != "lbfgs"])
 @click.option("--min-delta", type=click.FloatRange(min=0), default=0.0, show_default=True)
 @click.option(
     "--refit",

@@ -2,12 +2,12 @@
 
 import click
 
-from fewshot.cli import FewshotCommand, common_options, draw_options
+from fewshot.cli import FewshotCommand, common_options, draw_options, fit_options
 from fewshot.embedding import METHODS as EMBEDDINGS
 from fewshot.encoder_source import DEFAULT_ENCODER
 from fewshot.linear_eval import AUGMENT_CHOICES, LinearEvalConfig, run_linear_eval
 from fewshot.probe import PROBES
-from fewshot.train import OPTIMIZERS, SCHEDULES, FitConfig
+from fewshot.train import OPTIMIZERS, FitConfig
 
 
 @click.command(cls=FewshotCommand)
@@ -19,16 +19,7 @@ from fewshot.train import OPTIMIZERS, SCHEDULES, FitConfig
     help="models:/<name>@<alias>, models:/<name>/<version>, runs:/<run_id>/encoder, or a moco_pretrain checkpoint file.",
 )
 @click.option("--probe", type=click.Choice(list(PROBES)), default="linear", show_default=True)
-@click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default="adamw", show_default=True)
-@click.option("--weight-decay", type=click.FloatRange(min=0, max=1), default=1e-4, show_default=True)
-@click.option("--schedule", type=click.Choice(SCHEDULES), default="onecycle", show_default=True)
-@click.option(
-    "--patience",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Epochs without validation-loss improvement before stopping (0: train all epochs, keep the best).",
-)
+@fit_options(list(OPTIMIZERS))
 @click.option(
     "--standardize",
     type=bool,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,11 +95,33 @@ def common_options(epochs: int, lr: float, batch_size: int) -> Callable:
             click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
             click.option("--debug", is_flag=True, help="Show tracebacks for user errors."),
         ]  # fmt: skip
-        for option in reversed(options):
-            fn = option(fn)
-        return fn
+        return _apply(options, fn)
 
     return decorate
+
+
+def fit_options(optimizers: Sequence[str]) -> Callable:
+    """The training loop's options shared by ``baseline`` and ``linear_eval``."""
+    from fewshot.train import SCHEDULES
+
+    def decorate(fn: Callable) -> Callable:
+        options = [
+            click.option("--optimizer", type=click.Choice(list(optimizers)), default="adamw", show_default=True),
+            click.option("--weight-decay", type=click.FloatRange(min=0, max=1), default=1e-4, show_default=True),
+            click.option("--schedule", type=click.Choice(SCHEDULES), default="onecycle", show_default=True),
+            click.option("--patience", type=click.IntRange(min=0), default=0, show_default=True,
+                         help="Epochs without validation-loss improvement before stopping (0: train all epochs, "
+                              "keep the best)."),
+        ]  # fmt: skip
+        return _apply(options, fn)
+
+    return decorate
+
+
+def _apply(options: list[Callable], fn: Callable) -> Callable:
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
 
 
 def draw_options(opts: dict[str, Any]) -> dict[str, Any]:

@@ -168,10 +168,40 @@ class LinearTarget:
         return WinnerReport({"test_top1": test[1], "test_top5": test[5], "winner_val_top1": val}, self.measure)
 
 
+class TrainedClassifierTarget:
+    """A target whose trial trains a whole classifier (``_train``): the objective is the mean
+    validation top-1 over the folds; the winner is retrained on the 75/25 split for the report."""
+
+    data: SearchData
+    measure: str
+
+    def _train(self, params: dict[str, Any], train, val, seed: int) -> nn.Module:
+        raise NotImplementedError
+
+    def evaluate(self, params: dict[str, Any], report: Report, log_step: StepLogger) -> Outcome:
+        x, y = self.data.labeled.x, self.data.labeled.y
+
+        def score(i: int, split: Split) -> float:
+            model = self._train(params, (x[split.train], y[split.train]), (x[split.val], y[split.val]),
+                                self.data.seed + i)  # fmt: skip
+            return evaluate_loss(model, x[split.val], y[split.val])[1]
+
+        return _cross_validate(self.data, score, report, log_step)
+
+    def report_winner(self, params: dict[str, Any], trial: optuna.trial.FrozenTrial, mnist: MNIST) -> WinnerReport:
+        from fewshot.baseline import evaluate_split, labeled_tensors
+
+        t = labeled_tensors(mnist, self.data.draw, self.data.device)
+        model = self._train(params, (t.x_train, t.y_train), (t.x_val, t.y_val), self.data.seed)
+        test, _ = evaluate_split(model, t.x_test, t.y_test)
+        val, _ = evaluate_split(model, t.x_val, t.y_val)
+        return WinnerReport({"test_top1": test[1], "test_top5": test[5], "winner_val_top1": val[1]}, self.measure)
+
+
 # ---------------------------------------------------------------- the supervised CNN
 
 
-class BaselineTarget:
+class BaselineTarget(TrainedClassifierTarget):
     """The report's CNN: lr, weight decay and augmentation strength; epochs per fold = budget."""
 
     name = "baseline"
@@ -187,7 +217,7 @@ class BaselineTarget:
             "augment_strength": trial.suggest_float("augment_strength", 0.0, 2.0),
         }
 
-    def _fit(self, params: dict[str, Any], train, val, seed: int) -> nn.Module:
+    def _train(self, params: dict[str, Any], train, val, seed: int) -> nn.Module:
         with _INIT_LOCK:
             torch.manual_seed(seed)
             model = build_classifier("cnn").to(self.data.device)
@@ -197,26 +227,6 @@ class BaselineTarget:
         augment = OnlineAffine(AffineSpec().scaled(strength)) if strength > 0 else None
         fit(model, train, val, cfg, torch.Generator(self.data.device).manual_seed(seed), augment=augment)
         return model
-
-    def evaluate(self, params: dict[str, Any], report: Report, log_step: StepLogger) -> Outcome:
-        x, y = self.data.labeled.x, self.data.labeled.y
-
-        def score(i: int, split: Split) -> float:
-            model = self._fit(
-                params, (x[split.train], y[split.train]), (x[split.val], y[split.val]), self.data.seed + i
-            )
-            return evaluate_loss(model, x[split.val], y[split.val])[1]
-
-        return _cross_validate(self.data, score, report, log_step)
-
-    def report_winner(self, params: dict[str, Any], trial: optuna.trial.FrozenTrial, mnist: MNIST) -> WinnerReport:
-        from fewshot.baseline import evaluate_split, labeled_tensors
-
-        t = labeled_tensors(mnist, self.data.draw, self.data.device)
-        model = self._fit(params, (t.x_train, t.y_train), (t.x_val, t.y_val), self.data.seed)
-        test, _ = evaluate_split(model, t.x_test, t.y_test)
-        val, _ = evaluate_split(model, t.x_val, t.y_val)
-        return WinnerReport({"test_top1": test[1], "test_top5": test[5], "winner_val_top1": val[1]}, self.measure)
 
 
 # ---------------------------------------------------------------- MoCo pretraining
@@ -321,7 +331,7 @@ class MocoTarget:
 # ---------------------------------------------------------------- semi-supervised training
 
 
-class SemisupTarget:
+class SemisupTarget(TrainedClassifierTarget):
     """Semi-supervised training (``fewshot.semisup``) from ``--encoder`` (or ``random``): learning
     rate, confidence threshold, unlabeled weight, strong-augmentation strength, per-class
     thresholds and distribution alignment. The budget's epochs are training steps per fold; each
@@ -365,25 +375,6 @@ class SemisupTarget:
         with _INIT_LOCK:
             model = prepare_model(cfg, data, self.encoder)
         return train_semisup(cfg, data, model).model
-
-    def evaluate(self, params: dict[str, Any], report: Report, log_step: StepLogger) -> Outcome:
-        x, y = self.data.labeled.x, self.data.labeled.y
-
-        def score(i: int, split: Split) -> float:
-            model = self._train(params, (x[split.train], y[split.train]), (x[split.val], y[split.val]),
-                                self.data.seed + i)  # fmt: skip
-            return evaluate_loss(model, x[split.val], y[split.val])[1]
-
-        return _cross_validate(self.data, score, report, log_step)
-
-    def report_winner(self, params: dict[str, Any], trial: optuna.trial.FrozenTrial, mnist: MNIST) -> WinnerReport:
-        from fewshot.baseline import evaluate_split, labeled_tensors
-
-        t = labeled_tensors(mnist, self.data.draw, self.data.device)
-        model = self._train(params, (t.x_train, t.y_train), (t.x_val, t.y_val), self.data.seed)
-        test, _ = evaluate_split(model, t.x_test, t.y_test)
-        val, _ = evaluate_split(model, t.x_val, t.y_val)
-        return WinnerReport({"test_top1": test[1], "test_top5": test[5], "winner_val_top1": val[1]}, self.measure)
 
 
 TARGET_CLASSES = {
