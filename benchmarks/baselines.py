@@ -37,21 +37,26 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=FitConfig.epochs)
     parser.add_argument("--augment", default="online")
     parser.add_argument("--experiment", default="fewshot-benchmarks")
+    parser.add_argument("--tta-views", type=int, default=BaselineConfig.tta_views, help="0: no test-time augmentation")
     args = parser.parse_args()
     rows = []
     for model in args.models:
-        accuracies, seconds = [], []
+        accuracies, plain, seconds = [], [], []
         for seed in range(args.draws):
             cfg = BaselineConfig(
                 model=model, augment=args.augment, seed=seed, data_dir=args.data_dir, experiment=args.experiment,
-                run_name=f"bench-{model}-seed{seed}", fit=FitConfig(epochs=args.epochs, progress=False),
+                run_name=f"bench-{model}-seed{seed}", tta_views=args.tta_views,
+                fit=FitConfig(epochs=args.epochs, progress=False),
             )  # fmt: skip
             result = run_baseline(cfg)
             accuracies.append(result["test_top1"])
+            plain.append(result["test_plain_top1"])
             seconds.append(result["wall_seconds"])
-            print(f"{model} seed {seed}: test top-1 {result['test_top1']:.4f} ({result['wall_seconds']:.0f} s)",
-                  flush=True)  # fmt: skip
-        rows.append(summarise(model, accuracies, seconds))
+            print(f"{model} seed {seed}: test top-1 {result['test_top1']:.4f}, without TTA "
+                  f"{result['test_plain_top1']:.4f} ({result['wall_seconds']:.0f} s)", flush=True)  # fmt: skip
+        if args.tta_views:
+            rows.append(summarise(f"{model} + TTA ({args.tta_views} views)", accuracies, seconds))
+        rows.append(summarise(model, plain, seconds))
     print(f"\n| model | test top-1 % (mean ± std, {args.draws} draws) | min | per draw | wall time per run |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))

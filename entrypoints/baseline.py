@@ -23,6 +23,13 @@ from fewshot.train import OPTIMIZERS, FitConfig
     show_default=True,
     help="After early stopping on the 75/25 split, retrain on all labeled images for as many epochs.",
 )
+@click.option(
+    "--tta-views",
+    type=click.IntRange(0, 64),
+    default=8,
+    show_default=True,
+    help="Test-time augmentation: average the test prediction over the image and this many mildly warped copies.",
+)
 @click.option("--checkpoint-dir", default="", help="Also keep the best checkpoint in this folder.")
 def main(**opts) -> None:
     draw = draw_options(opts)

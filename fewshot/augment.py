@@ -72,6 +72,9 @@ class AffineSpec:
         )
 
 
+TTA_SPEC = AffineSpec().scaled(0.5)  # test-time views: the default affine at half strength
+
+
 def random_affine(x: torch.Tensor, spec: AffineSpec, generator: torch.Generator) -> torch.Tensor:
     n, device = x.shape[0], x.device
     angle = _uniform(n, -spec.rotation, spec.rotation, generator, device)

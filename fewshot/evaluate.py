@@ -33,6 +33,18 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) ->
 
 
 @torch.no_grad()
+def predict_tta(model: nn.Module, x: torch.Tensor, views: int, generator: torch.Generator) -> torch.Tensor:
+    """Test-time augmentation: the log of the mean softmax over ``x`` and ``views`` mildly warped
+    copies of it (the default affine at half strength), usable wherever logits are."""
+    from fewshot.augment import TTA_SPEC, random_affine
+
+    probs = predict_logits(model, x).softmax(1)
+    for _ in range(views):
+        probs += predict_logits(model, random_affine(x, TTA_SPEC, generator)).softmax(1)
+    return (probs / (views + 1)).log()
+
+
+@torch.no_grad()
 def extract_features(encoder: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     return predict_logits(encoder, x, batch_size)
 

@@ -7,7 +7,10 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from entrypoints.baseline import main as baseline_command
+from fewshot.augment import TTA_SPEC, random_affine
 from fewshot.baseline import BaselineConfig, run_baseline
+from fewshot.evaluate import predict_logits, predict_tta
+from fewshot.models import build_classifier
 from fewshot.train import FitConfig
 from tests.conftest import run_cli
 
@@ -27,6 +30,7 @@ def test_baseline_run_logs_everything(synthetic_data_dir: Path, tracking_store: 
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert params["model"] == "cnn" and params["augment"] == "online" and params["epochs"] == "4"
+    assert params["tta_views"] == "8" and 0 <= run.data.metrics["test_plain_top1"] <= 1
     assert run.data.tags["model"] == "cnn" and run.data.tags["seed"] == "1" and "git_commit" in run.data.tags
     for k in range(1, 6):
         assert 0 <= run.data.metrics[f"test_top{k}"] <= 1
@@ -51,6 +55,20 @@ def test_baseline_run_logs_everything(synthetic_data_dir: Path, tracking_store: 
     logged = [m for m in client.search_logged_models(experiment_ids=[run.info.experiment_id])]
     model = mlflow.pytorch.load_model(f"models:/{logged[0].model_id}")
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_tta_is_the_mean_softmax_over_the_image_and_its_warped_copies() -> None:
+    torch.manual_seed(0)
+    model = build_classifier("cnn").eval()
+    x = torch.rand(16, 1, 28, 28)
+    plain = predict_logits(model, x).softmax(1)
+    assert torch.allclose(predict_tta(model, x, 0, torch.Generator().manual_seed(0)).exp(), plain, atol=1e-6)
+    warps = torch.Generator().manual_seed(3)
+    copies = [predict_logits(model, random_affine(x, TTA_SPEC, warps)).softmax(1) for _ in range(2)]
+    tta = predict_tta(model, x, 2, torch.Generator().manual_seed(3))
+    assert torch.allclose(tta.exp(), (plain + copies[0] + copies[1]) / 3, atol=1e-6)
+    assert not torch.allclose(tta.exp(), plain, atol=1e-3), "the copies are warped"
+    assert torch.equal(tta, predict_tta(model, x, 2, torch.Generator().manual_seed(3))), "seeded"
 
 
 def test_same_seed_same_numbers(synthetic_data_dir: Path, tracking_store: str) -> None:

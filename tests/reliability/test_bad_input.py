@@ -42,6 +42,7 @@ CASES = [
     ("unknown-model", B, ["--model", "resnet"], r"--model.*'resnet'", r"one of.*mlp1"),
     ("batch-size-zero", B, ["--batch-size", "0"], r"--batch-size.*0", r"range 1<=x"),
     ("augment-strength-too-high", B, ["--augment-strength", "9"], r"--augment-strength.*9", r"0<=x<=3"),
+    ("tta-views-negative", B, ["--tta-views", "-1"], r"--tta-views.*-1", r"0<=x<=64"),
     ("labels-per-class-1", B, ["--labels-per-class", "1"], r"--labels-per-class.*1", r"range 2<=x"),
     ("unknown-option", B, ["--epoch", "3"], r"No such option '--epoch'", r"Did you mean '--epochs'"),
     ("data-dir-missing", B, ["--data-dir", "{tmp}/nowhere"], r"nowhere is not a directory", r"point it at"),
