@@ -42,6 +42,12 @@ def moco_args(data_dir: Path, checkpoint_dir: Path, run_name: str, *extra: str) 
     ]  # fmt: skip
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process (Linux /proc), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def checkpoint_temp_files(folder: Path) -> list[str]:
     return [p.name for p in folder.glob(".last.pt.*.tmp")] if folder.is_dir() else []
 
@@ -187,12 +193,17 @@ def test_sigterm_stops_moco_cleanly_marks_the_run_killed_and_keeps_a_checkpoint(
     store = fresh_store("sigterm")
     args = moco_args(synthetic_data_dir, tmp_path / "ck", "t")
     args[args.index("--checkpoint-minutes") + 1] = "0"  # epoch-end checkpoints only
+    args[args.index("--batch-size") + 1] = "16"  # about 56 steps an epoch
     last = tmp_path / "ck" / "t" / "last.pt"
     proc = start_job("entrypoints.moco_pretrain", *args, env=child_env(store), cwd=tmp_path)
     deadline = time.monotonic() + 240
     while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.01)
-    time.sleep(0.3)  # into the second epoch
+    # into the second epoch: wait for CPU time the process spent after its first checkpoint (wall
+    # time is no measure on a loaded machine, where the process may not run at all for a while)
+    cpu_at_checkpoint = cpu_seconds(proc.pid)
+    while cpu_seconds(proc.pid) < cpu_at_checkpoint + 0.1 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
     os.kill(proc.pid, signal.SIGTERM)
     out = finish(proc, timeout=120)
     assert proc.returncode == 130, out[-3000:]
