@@ -622,13 +622,8 @@ def run_pretrain(
             tracker.set_tags({"resumed_from_step": state["step"]})
             tracker.log_new_steps(enumerate(state["history"]), already)  # epochs whose logging was lost
 
-        def log_epoch(epoch: int, metrics: Metrics) -> None:
-            tracker.log_new_steps([(epoch, metrics)], already)
-            if on_epoch is not None:
-                on_epoch(epoch, metrics)
-
         result = pretrain(
-            cfg, mnist, draw, on_epoch=log_epoch, checkpoint_path=path,
+            cfg, mnist, draw, on_epoch=tracker.new_step_logger(already, on_epoch), checkpoint_path=path,
             checkpoint_extra={"mlflow_run_id": tracker.run_id}, resume_state=state,
         )  # fmt: skip
         encoder = result.encoder

@@ -838,13 +838,8 @@ def run_semisup(
             # evaluations whose logging was lost
             tracker.log_new_steps(((int(m["step"]), m) for m in state["history"]), already)
 
-        def log_eval(step: int, metrics: Metrics) -> None:
-            tracker.log_new_steps([(step, metrics)], already)
-            if on_eval is not None:
-                on_eval(step, metrics)
-
         result = train_semisup(
-            cfg, data, model, on_eval=log_eval, checkpoint_path=path,
+            cfg, data, model, on_eval=tracker.new_step_logger(already, on_eval), checkpoint_path=path,
             checkpoint_extra={"mlflow_run_id": tracker.run_id}, resume_state=state,
         )  # fmt: skip
         classifier = result.model

@@ -14,7 +14,7 @@ import tempfile
 import time
 import urllib.parse
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,6 +229,18 @@ class Tracker:
                 self.log_step_metrics(metrics, step=step)
                 logged.add(step)
         self.flush()
+
+    def new_step_logger(
+        self, logged: set[int], then: Callable[[int, dict[str, float]], None] | None = None
+    ) -> Callable[[int, dict[str, float]], None]:
+        """A per-step callback for a training loop: ``log_new_steps`` of that one step, then ``then``."""
+
+        def log(step: int, metrics: dict[str, float]) -> None:
+            self.log_new_steps([(step, metrics)], logged)
+            if then is not None:
+                then(step, metrics)
+
+        return log
 
     def flush(self) -> None:
         for start in range(0, len(self._pending), 1000):
