@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +56,32 @@ def check_same_settings(saved: dict[str, Any], cfg: Any, keys: tuple[str, ...]) 
         raise UserError(
             f"--resume: the checkpoint was made with other settings ({diffs}); rerun with them or start fresh"
         )
+
+
+def resolve_resume(
+    resume: str, default_path: Path, load: Callable[[str | Path], dict[str, Any]], redo_logging: bool = True
+) -> dict[str, Any] | None:
+    """The state a job continues from. ``auto``: ``default_path`` when it holds an unfinished
+    run, or (with ``redo_logging``) a finished training whose MLflow run was stopped before it
+    logged its results (only the logging is then redone); ``never``: start fresh; anything else
+    is a checkpoint path that must load."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        if not default_path.is_file():
+            return None
+        state = load(default_path)
+        if not state.get("finished"):
+            return state
+        return state if redo_logging and _logging_unfinished(state) else None
+    return load(resume)
+
+
+def _logging_unfinished(state: dict[str, Any]) -> bool:
+    from fewshot import tracking
+
+    run_id = state.get("mlflow_run_id")
+    if run_id is None:
+        return False
+    tracking.configure()
+    return tracking.run_status(run_id) not in (None, "FINISHED")

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fewshot import augment as aug
-from fewshot.checkpoints import check_same_settings, load_checked, save_atomic
+from fewshot.checkpoints import check_same_settings, load_checked, resolve_resume, save_atomic
 from fewshot.data import MNIST, LabeledDraw, to_unit
 from fewshot.device import pick_device
 from fewshot.errors import TrainingDiverged, UserError
@@ -522,30 +522,6 @@ def checkpoint_file(checkpoint_dir: str | Path | None, run_name: str) -> Path:
     return Path(checkpoint_dir or "checkpoints/moco") / run_name / "last.pt"
 
 
-def resolve_resume(resume: str, default_path: Path) -> dict[str, Any] | None:
-    """``auto``: continue ``default_path`` when it holds an unfinished run, or a finished training
-    whose MLflow run was stopped before it logged the encoder (then only the logging is redone);
-    ``never``: start fresh; anything else is a checkpoint path that must load."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        if not default_path.is_file():
-            return None
-        state = load_checkpoint(default_path)
-        return state if not state.get("finished") or _logging_unfinished(state) else None
-    return load_checkpoint(resume)
-
-
-def _logging_unfinished(state: dict[str, Any]) -> bool:
-    from fewshot import tracking
-
-    run_id = state.get("mlflow_run_id")
-    if run_id is None or distributed() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return False
-    tracking.configure()
-    return tracking.run_status(run_id) not in (None, "FINISHED")
-
-
 def init_distributed(device: str) -> tuple[int, int]:
     """Under torchrun (WORLD_SIZE > 1): join the process group, gloo on CPU, nccl on CUDA."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -592,7 +568,7 @@ def run_pretrain(
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     run_name = run_name or default_run_name(cfg)
     path = checkpoint_file(checkpoint_dir, run_name)
-    state = resolve_resume(resume, path)
+    state = resolve_resume(resume, path, load_checkpoint, redo_logging=world == 1)
     if state is not None:
         check_resume_config(cfg, state)
         if resume not in RESUME_CHOICES:

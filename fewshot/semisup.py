@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fewshot import augment as aug
-from fewshot.checkpoints import check_same_settings, load_checked, save_atomic
+from fewshot.checkpoints import check_same_settings, load_checked, resolve_resume, save_atomic
 from fewshot.data import MNIST, NUM_CLASSES, LabeledDraw, to_unit
 from fewshot.device import pick_device
 from fewshot.encoder_source import DEFAULT_ENCODER
@@ -755,19 +755,6 @@ def checkpoint_file(checkpoint_dir: str | Path | None, run_name: str) -> Path:
     return Path(checkpoint_dir or "checkpoints/semisup") / run_name / "last.pt"
 
 
-def resolve_resume(resume: str, default_path: Path) -> dict[str, Any] | None:
-    """``auto``: continue ``default_path`` when it holds an unfinished run; ``never``: start fresh;
-    anything else is a checkpoint path that must load."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        if not default_path.is_file():
-            return None
-        state = load_checkpoint(default_path)
-        return None if state.get("finished") else state
-    return load_checkpoint(resume)
-
-
 def run_semisup(
     cfg: SemisupConfig,
     checkpoint_dir: str | Path | None = None,
@@ -793,7 +780,7 @@ def run_semisup(
     device = pick_device(cfg.device)
     run_name = run_name or default_run_name(cfg)
     path = checkpoint_file(checkpoint_dir, run_name)
-    state = resolve_resume(resume, path)
+    state = resolve_resume(resume, path, load_checkpoint)
     if state is not None:
         check_resume_config(cfg, state)
         if resume not in RESUME_CHOICES:

@@ -305,6 +305,22 @@ def test_tracked_run_logs_registers_and_resumes_in_the_same_run(
     assert loaded(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
 
+def test_a_run_stopped_after_its_final_checkpoint_only_redoes_the_logging(
+    synthetic_data_dir: Path, tracking_store: str, tmp_path: Path
+) -> None:
+    cfg = tiny(data_dir=str(synthetic_data_dir))
+    folder = tmp_path / "ck"
+    first = run_semisup(cfg, checkpoint_dir=folder, run_name="tail")
+    client = MlflowClient()
+    # what a kill between the final checkpoint and the end of logging leaves behind
+    client.set_terminated(first["run_id"], status="KILLED")
+    again = run_semisup(cfg, checkpoint_dir=folder, run_name="tail")
+    assert again["run_id"] == first["run_id"]
+    run = client.get_run(again["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from_step"] == "9", "no step trained again"
+    assert [m.step for m in client.get_metric_history(again["run_id"], "val_acc")] == [3, 6, 9]
+
+
 def test_cli_bad_init_is_one_line_and_leaves_no_run(synthetic_data_dir: Path, tracking_store: str) -> None:
     result = run_cli("entrypoints.semisup", "--init", "models:/fewshot-moco-encoder@champion", "--data-dir",
                      str(synthetic_data_dir), env={"MLFLOW_TRACKING_URI": tracking_store})  # fmt: skip
