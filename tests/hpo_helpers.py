@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import mlflow
 import optuna
 import torch
+from optuna.exceptions import StorageInternalError
+from optuna.trial import TrialState
+from sqlalchemy.exc import OperationalError
 
 from fewshot.models import build_encoder
+
+# what a read of a SQLite study raises while a worker holds the write lock (Optuna wraps
+# SQLAlchemy's OperationalError in StorageInternalError)
+LOCKED = (OperationalError, StorageInternalError)
 
 
 def write_encoder_checkpoint(path: Path, width: int = 8, seed: int = 0) -> Path:
@@ -37,3 +47,19 @@ def load(study_name: str, storage: str) -> optuna.Study:
 def storage_url(tracking_uri: str) -> str:
     """The default Optuna storage beside a sqlite:/// tracking store."""
     return f"sqlite:///{Path(tracking_uri[len('sqlite:///') :]).parent / 'optuna.db'}"
+
+
+def freeze_mid_trial(proc: subprocess.Popen, study: optuna.Study, number: int) -> bool:
+    """SIGSTOP the worker and tell whether trial ``number`` is mid-trial in the frozen process:
+    RUNNING, its parameters sampled. When it is not (not yet sampled, finished meanwhile, or the
+    frozen worker holds the lock) the worker is let go on (SIGCONT) and False comes back. Kill a
+    frozen worker and the kill lands mid-trial however short the trials are."""
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        trial = study.trials[number]
+        still_running = trial.state == TrialState.RUNNING and bool(trial.params)
+    except LOCKED:
+        still_running = False
+    if not still_running:
+        os.kill(proc.pid, signal.SIGCONT)
+    return still_running

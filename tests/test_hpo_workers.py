@@ -14,7 +14,7 @@ import optuna
 import pytest
 
 from tests.conftest import PROJECT_ROOT
-from tests.hpo_helpers import load, storage_url, study_runs, write_encoder_checkpoint
+from tests.hpo_helpers import LOCKED, freeze_mid_trial, load, storage_url, study_runs, write_encoder_checkpoint
 
 
 def _worker(study: str, data_dir: Path, encoder: Path, n_trials: int, *extra: str) -> subprocess.Popen:
@@ -52,17 +52,25 @@ def test_two_workers_share_one_study(synthetic_data_dir: Path, tracking_store: s
     assert all(r.info.status != "RUNNING" for r in runs)
 
 
-def _wait_for_running_trial(study: str, storage: str, proc: subprocess.Popen, timeout: float = 120) -> int:
+def _freeze_worker_mid_trial(study_name: str, storage: str, proc: subprocess.Popen, timeout: float = 120) -> int:
+    """Poll until the worker runs a trial, then freeze it (SIGSTOP) inside that trial: the trial
+    number to kill it in. No timing assumption: trials may take 0.1 s or 10 s."""
     deadline = time.monotonic() + timeout
+    study = None
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert proc.poll() is None, (
+            "the worker finished before it was seen in a trial: " + proc.communicate()[0][-3000:]
+        )
         try:
-            for trial in load(study, storage).get_trials(states=(optuna.trial.TrialState.RUNNING,)):
-                if "mlflow_run_id" in trial.user_attrs and trial.params and trial.number >= 1:
+            study = study or load(study_name, storage)
+            for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                if "mlflow_run_id" in trial.user_attrs and freeze_mid_trial(proc, study, trial.number):
                     return trial.number
         except KeyError:  # the study does not exist yet
             pass
-        time.sleep(0.1)
+        except LOCKED:  # the worker holds the write lock; look again
+            pass
+        time.sleep(0.02)
     pytest.fail("no trial started in time")
 
 
@@ -71,21 +79,22 @@ def test_killed_worker_trial_is_failed_and_retried(
 ) -> None:
     encoder = write_encoder_checkpoint(tmp_path / "encoder.pt")
     storage = storage_url(tracking_store)
-    # trials of a few seconds, so that the kill lands mid-trial; heartbeat 1 s, stale after 3 s
-    doomed = _worker("killed", synthetic_data_dir, encoder, 3, "--budget", "100", "--heartbeat", "1")
-    number = _wait_for_running_trial("killed", storage, doomed)
+    # many trials, so the worker is still busy when seen; it is frozen inside one, then killed
+    doomed = _worker("killed", synthetic_data_dir, encoder, 100, "--budget", "100", "--heartbeat", "1")
+    number = _freeze_worker_mid_trial("killed", storage, doomed)
     os.kill(doomed.pid, signal.SIGKILL)
     doomed.communicate(timeout=30)
     time.sleep(3.5)  # past the grace period: the dead trial's heartbeat is stale
-    _finish(_worker("killed", synthetic_data_dir, encoder, 3, "--budget", "100", "--heartbeat", "1"))
+    target = number + 2  # the rerun has trials left to run: the dead one's retry among them
+    _finish(_worker("killed", synthetic_data_dir, encoder, target, "--budget", "100", "--heartbeat", "1"))
     study = load("killed", storage)
     dead = study.trials[number]
     assert dead.state == optuna.trial.TrialState.FAIL
     retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == number]
-    assert len(retries) == 1 and retries[0].params == dead.params
+    assert len(retries) == 1 and dead.params.items() <= retries[0].params.items(), "the retry repeats what was drawn"
     assert retries[0].state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     finished = study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
-    assert len(finished) >= 3
+    assert len(finished) >= target
     runs = {r.info.run_id: r for r in study_runs("killed")}
     assert all(r.info.status != "RUNNING" for r in runs.values()), "no run left RUNNING after the rerun"
     dead_run = runs[dead.user_attrs["mlflow_run_id"]]
