@@ -5,6 +5,8 @@ encoder is probed on the full 10,000-image test set for each label draw:
 - kNN: cosine, exp(sim / 0.1)-weighted vote of the 20 nearest of the 100 labeled images;
 - linear: logistic regression on standardised features, C chosen by 5-fold CV on the 100
   labels (never the test set).
+Both read the last feature map average-pooled to a 2x2 grid (``--feature-grid``, as
+``linear_eval``); pretraining itself uses the global pool.
 The clock counts pretraining only (probe time is excluded). The encoder is pretrained once
 on draw 0's unlabeled pool; the other draws' labeled images are in that pool, which uses no
 labels, so every draw sees the same label-free pretraining.
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fewshot.data import MNIST, draw_labels, load_mnist, to_unit  # noqa: E402
 from fewshot.device import configure_threads  # noqa: E402
 from fewshot.evaluate import extract_features, knn_scores  # noqa: E402
+from fewshot.models import with_feature_grid  # noqa: E402
 from fewshot.pretrain import PretrainConfig, pretrain  # noqa: E402
 
 C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
@@ -103,6 +106,7 @@ def main() -> None:
     parser.add_argument("--augment", default=defaults.augment)
     parser.add_argument("--seed", type=int, default=0, help="pretraining seed (draw 0's unlabeled pool)")
     parser.add_argument("--draws", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--feature-grid", type=int, default=2, help="probes read the last map pooled to grid x grid")
     parser.add_argument("--max-steps", type=int, default=0, help="cap steps per epoch (smoke tests)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--device", default="auto")
@@ -132,7 +136,7 @@ def main() -> None:
     probe_seconds = 0.0
 
     def evaluate(epoch: int, backbone: torch.nn.Module) -> dict[str, float]:
-        return probe_draws(backbone, mnist, draws, test_x, device)
+        return probe_draws(with_feature_grid(backbone, args.feature_grid), mnist, draws, test_x, device)
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         nonlocal probe_seconds

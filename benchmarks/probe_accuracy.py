@@ -30,7 +30,7 @@ from fewshot.data import draw_labels, load_mnist  # noqa: E402
 from fewshot.device import configure_threads, pick_device, seed_everything  # noqa: E402
 from fewshot.encoder_source import DEFAULT_ENCODER, resolve_encoder  # noqa: E402
 from fewshot.evaluate import predict_logits, topk_accuracy  # noqa: E402
-from fewshot.models import build_classifier  # noqa: E402
+from fewshot.models import build_classifier, with_feature_grid  # noqa: E402
 from fewshot.probe import ProbeContext, ProbeSettings, cached_features, run_probe  # noqa: E402
 from fewshot.train import FitConfig, fit  # noqa: E402
 
@@ -58,6 +58,7 @@ def probe_draw(encoder, mnist, draw, device: torch.device, args: argparse.Namesp
         fit_cfg = FitConfig(optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                             batch_size=args.batch_size, epochs=epochs, progress=False)  # fmt: skip
         settings = ProbeSettings(fit=fit_cfg, standardize=not args.no_standardize, augment=args.augment,
+                                 normalize=not args.no_normalize, refit=not args.no_refit,
                                  knn_k=args.knn_k, knn_temperature=args.knn_temperature,
                                  encoder_lr_ratio=args.encoder_lr_ratio)  # fmt: skip
         ctx = ProbeContext(encoder=encoder, features=features, images=images, settings=settings,
@@ -95,6 +96,8 @@ def markdown_table(rows: list[dict[str, float]], args: argparse.Namespace, sourc
         "",
         f"Encoder: {source.uri} ({source.arch}, width {source.width}, version {source.version or '-'}, "
         f"run {source.run_id or '-'}); draws {', '.join(map(str, draws))}; 10,000 test images.",
+        f"Read-out: last map pooled to {args.feature_grid}x{args.feature_grid}, L2 normalisation "
+        f"{'off' if args.no_normalize else 'on'}, refit on all 100 labels {'off' if args.no_refit else 'on'}.",
         f"Features of 100 labeled + 10,000 test images: {statistics.mean(r['feature_seconds'] for r in rows):.1f} s "
         "per draw"
         + (
@@ -116,7 +119,12 @@ def main() -> None:
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=75)
     parser.add_argument("--epochs", type=int, default=1000, help="linear head epochs")
+    parser.add_argument(
+        "--feature-grid", type=int, default=2, help="the probes read the last map pooled to grid x grid"
+    )
     parser.add_argument("--no-standardize", action="store_true")
+    parser.add_argument("--no-normalize", action="store_true", help="no L2 normalisation before the linear head")
+    parser.add_argument("--no-refit", action="store_true", help="keep the early-stopped head (75 labels)")
     parser.add_argument("--augment", action="store_true", help="linear probe on features of augmented images")
     parser.add_argument("--knn-k", type=int, default=20)
     parser.add_argument("--knn-temperature", type=float, default=0.1)
@@ -132,6 +140,7 @@ def main() -> None:
     device = pick_device(args.device)
     mnist = load_mnist(args.data_dir)
     encoder, source = resolve_encoder(args.encoder)
+    encoder = with_feature_grid(encoder, args.feature_grid)
     rows = []
     for seed in args.draws:
         row = probe_draw(encoder, mnist, draw_labels(mnist.train_labels, seed), device, args)

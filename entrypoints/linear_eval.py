@@ -6,7 +6,7 @@ from fewshot.cli import FewshotCommand, common_options, draw_options, fit_option
 from fewshot.embedding import METHODS as EMBEDDINGS
 from fewshot.encoder_source import DEFAULT_ENCODER
 from fewshot.linear_eval import AUGMENT_CHOICES, LinearEvalConfig, run_linear_eval
-from fewshot.probe import PROBES
+from fewshot.probe import DEFAULT_FEATURE_GRID, PROBES
 from fewshot.train import OPTIMIZERS, FitConfig
 
 
@@ -43,6 +43,27 @@ from fewshot.train import OPTIMIZERS, FitConfig
     default=0.1,
     show_default=True,
     help="Fine-tuning: the encoder's learning rate is --lr times this.",
+)
+@click.option(
+    "--feature-grid",
+    type=click.IntRange(1, 4),
+    default=DEFAULT_FEATURE_GRID,
+    show_default=True,
+    help="Frozen probes read the encoder's last feature map average-pooled to this grid (2: 4x the values of 1).",
+)
+@click.option(
+    "--refit",
+    type=bool,
+    default=True,
+    show_default=True,
+    help="Linear probe: after early stopping on the 25 validation labels, train a fresh head on all 100.",
+)
+@click.option(
+    "--normalize",
+    type=bool,
+    default=True,
+    show_default=True,
+    help="Linear and fine-tuning heads: L2-normalise the features first (kept in the logged head).",
 )
 @click.option(
     "--embedding",

@@ -60,6 +60,11 @@ class LabeledTensors:
     x_test: torch.Tensor
     y_test: torch.Tensor
 
+    def all_labels(self) -> LabeledTensors:
+        """Train and validation images together as the training set (for a refit); no validation left."""
+        x, y = torch.cat([self.x_train, self.x_val]), torch.cat([self.y_train, self.y_val])
+        return replace(self, x_train=x, y_train=y, x_val=x[:0], y_val=y[:0])
+
 
 def labeled_tensors(mnist: MNIST, draw: LabeledDraw, device: torch.device) -> LabeledTensors:
     return LabeledTensors(
@@ -156,8 +161,8 @@ def refit_on_all_labels(
 ) -> torch.nn.Module:
     """Retrain a fresh model on train + validation images for as many epochs as the early-stopped
     run trained; the 25 validation labels have chosen the length, now they also teach."""
-    x = torch.cat([data.x_train, data.x_val])
-    y = torch.cat([data.y_train, data.y_val])
+    everything = data.all_labels()
+    x, y = everything.x_train, everything.y_train
     if cfg.augment == "offline":
         x, y = aug.offline_expand(x, y, generator)
     model = build_classifier(cfg.model).to(x.device)

@@ -152,9 +152,12 @@ def load_model_dir(model_dir: Path, label: str) -> tuple[nn.Module, dict[str, An
             else state
         )
     encoder = build_from_state(spec["arch"], spec.get("width", 32), state, label)
-    if "feature_dim" in spec and int(spec["feature_dim"]) != encoder.feature_dim:
+    # a classifier of linear_eval read the last map pooled to a grid; the encoder comes back plain
+    grid = int(spec.get("feature_grid", 1))
+    if "feature_dim" in spec and int(spec["feature_dim"]) != encoder.feature_dim * grid * grid:
         raise UserError(
-            f"{label}: spec says feature_dim {spec['feature_dim']}, the encoder gives {encoder.feature_dim}"
+            f"{label}: spec says feature_dim {spec['feature_dim']} (feature grid {grid}), the encoder gives "
+            f"{encoder.feature_dim * grid * grid}"
         )
     return encoder, spec
 

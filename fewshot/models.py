@@ -6,6 +6,8 @@ itself with MNIST's mean and standard deviation.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torchvision
 from torch import nn
@@ -151,6 +153,24 @@ def build_encoder(arch: str, width: int = 32) -> nn.Module:
     if arch not in ENCODERS:
         raise UserError(f"--arch {arch}: unknown encoder; choose one of {', '.join(ENCODERS)}")
     return ENCODERS[arch](width)
+
+
+def with_feature_grid(encoder: nn.Module, grid: int) -> nn.Module:
+    """A copy of ``encoder`` whose final average pool keeps a ``grid`` x ``grid`` map instead of
+    one value per channel: features ``grid**2`` times as long, the same weights; each cell
+    averages one region of the last map (on the digit encoder's 7x7 map, overlapping 4x4
+    windows). ``grid`` 1 returns ``encoder`` itself."""
+    if grid == 1:
+        return encoder
+    pools = [m for m in encoder.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+    if not hasattr(encoder, "feature_dim") or not pools or getattr(encoder, "feature_grid", 1) != 1:
+        raise UserError(f"--feature-grid {grid}: the encoder has no global average pool to widen; use 1")
+    gridded = copy.deepcopy(encoder)
+    pool = [m for m in gridded.modules() if isinstance(m, nn.AdaptiveAvgPool2d)][-1]
+    pool.output_size = grid
+    gridded.feature_dim = encoder.feature_dim * grid * grid
+    gridded.feature_grid = grid
+    return gridded
 
 
 class EncoderClassifier(nn.Module):

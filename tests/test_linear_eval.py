@@ -53,6 +53,7 @@ def test_registered_champion_linear_probe_logs_everything(
     assert params["encoder_uri"] == f"models:/{ENCODER_NAME}@champion" and params["encoder_version"] == str(version)
     assert params["encoder_run_id"] == pretrain_run and tags["encoder_run_id"] == pretrain_run
     assert params["probe"] == "linear" and params["optimizer"] == "adamw" and params["standardize"] == "True"
+    assert params["feature_grid"] == "2" and params["refit"] == "True" and params["normalize"] == "True"
     assert tags["frozen_check"] == "passed" and tags["job"] == "linear_eval"
     for split in ("val", "test"):
         assert all(0 <= metrics[f"{split}_top{k}"] <= 1 for k in range(1, 6))
@@ -110,6 +111,7 @@ def test_other_probes_from_a_checkpoint(synthetic_data_dir: Path, tracking_store
         (["--probe", "finetune", "--optimizer", "lbfgs"], "--optimizer"),
         (["--knn-temperature", "0"], "--knn-temperature"),
         (["--standardize", "maybe"], "--standardize"),
+        (["--feature-grid", "5"], "--feature-grid"),
         (["--encoder", "/no/such/moco.pt"], "--encoder"),
     ],
 )

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fewshot.errors import UserError
-from fewshot.models import ReportCNN, build_classifier, build_encoder
+from fewshot.models import ReportCNN, build_classifier, build_encoder, with_feature_grid
 
 
 @pytest.mark.parametrize("name, n_params", [("mlp1", 477_898), ("mlp2", 109_770), ("cnn", 168_074)])
@@ -35,3 +35,23 @@ def test_unknown_names() -> None:
         build_classifier("vgg")
     with pytest.raises(UserError, match="--arch"):
         build_encoder("vit")
+
+
+@pytest.mark.parametrize("arch", ["digit", "resnet18"])
+def test_a_feature_grid_widens_the_pooled_features_with_the_same_weights(arch: str) -> None:
+    torch.manual_seed(0)
+    encoder = build_encoder(arch, 8).eval()
+    gridded = with_feature_grid(encoder, 2)
+    assert with_feature_grid(encoder, 1) is encoder
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        plain, wide = encoder(x), gridded(x)
+    assert wide.shape == (3, 4 * encoder.feature_dim) and gridded.feature_dim == 4 * encoder.feature_dim
+    assert encoder(x).shape == plain.shape  # the original is untouched
+    before, after = encoder.state_dict(), gridded.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not torch.allclose(wide.view(3, -1, 4)[..., 0], wide.view(3, -1, 4)[..., 3])  # cells differ
+    with pytest.raises(UserError, match="--feature-grid"):
+        with_feature_grid(gridded, 2)
+    with pytest.raises(UserError, match="--feature-grid"):
+        with_feature_grid(torch.nn.Linear(3, 3), 2)

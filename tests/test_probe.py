@@ -14,6 +14,7 @@ from fewshot.probe import (
     FeatureSet,
     FrozenEncoderHead,
     FrozenWeightsChanged,
+    L2Normalize,
     ProbeContext,
     ProbeSettings,
     cached_features,
@@ -63,7 +64,24 @@ def test_linear_probe_leaves_the_encoder_bit_identical(setup: dict, augment: boo
     assert result.test_scores.shape == (200, 10)
     # the classifier (encoder + folded head) reproduces the probe's scores from images
     with torch.no_grad():
-        assert torch.allclose(result.classifier(setup["images"].x_val), result.val_scores, atol=1e-4)
+        assert torch.allclose(result.classifier(setup["images"].x_test), result.test_scores, atol=1e-4)
+
+
+def test_the_refit_trains_on_all_labels_and_keeps_the_validation_scores_held_out(setup: dict) -> None:
+    fit_cfg = FitConfig(epochs=30, lr=1e-2, progress=False)
+    early, refitted = (
+        run_probe("linear", _context(setup, tiny_encoder(seed=5), ProbeSettings(fit=fit_cfg, refit=refit)))
+        for refit in (False, True)
+    )
+    # the reported validation scores are the early-stopped head's, which never saw those labels
+    assert torch.equal(early.val_scores, refitted.val_scores)
+    assert not torch.equal(early.test_scores, refitted.test_scores)
+    features = setup["features"]
+    with torch.no_grad():
+        val_fit = [(r.head(features.val).argmax(1) == features.y_val).float().mean().item() for r in (early, refitted)]
+    assert val_fit[1] > val_fit[0]  # the refitted head learned the 25 validation images too
+    everything = features.all_labels()
+    assert everything.train.shape[0] == 100 and everything.val.shape[0] == 0
 
 
 def test_the_frozen_check_catches_moving_batch_norm_statistics(setup: dict) -> None:
@@ -93,6 +111,21 @@ def test_folding_the_standardisation_into_the_head() -> None:
         folded = fold(head)
         assert isinstance(folded, torch.nn.Linear)
         assert torch.allclose(folded(x), head(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_folding_keeps_the_l2_normalisation_in_front(standardize: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 6, generator=g) * torch.tensor([1.0, 10, 0.1, 3, 1, 5]) + 4
+    head = new_head(x, standardize=standardize, generator=g, normalize=True)
+    with torch.no_grad():
+        head[-1].bias.normal_(generator=g) if not standardize else head[1][1].bias.normal_(generator=g)
+        folded = fold(head)
+        assert isinstance(folded[0], L2Normalize) and isinstance(folded[1], torch.nn.Linear) and len(folded) == 2
+        assert torch.allclose(folded(x), head(x), atol=1e-4)
+        assert torch.allclose(folded(3 * x), folded(x), atol=1e-5)  # only the direction of a feature counts
+        plain = fold(new_head(x, standardize, g))
+        assert not torch.allclose(plain(3 * x), plain(x))  # without it, the scale counts
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd", "adadelta", "adagrad", "lbfgs"])

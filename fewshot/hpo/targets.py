@@ -25,7 +25,7 @@ from fewshot.data import MNIST, LabeledDraw
 from fewshot.evaluate import topk_accuracy
 from fewshot.hpo.config import Budget, HpoConfig
 from fewshot.hpo.folds import LabeledSet, Split, make_splits
-from fewshot.models import build_classifier
+from fewshot.models import build_classifier, with_feature_grid
 from fewshot.train import FitConfig, evaluate_loss, fit
 
 Report = Callable[[int, float], None]  # (step, intermediate value): records it, raises TrialPruned to stop
@@ -108,13 +108,13 @@ class LinearTarget:
 
     def __init__(self, cfg: HpoConfig, data: SearchData) -> None:
         from fewshot.encoder_source import resolve_encoder
-        from fewshot.probe import encode
+        from fewshot.probe import DEFAULT_FEATURE_GRID, encode
 
         self.data = data
         self.folds = cfg.folds
         self.measure = _measure(cfg.folds)
         self.encoder, self.source = resolve_encoder(cfg.encoder)
-        self.encoder = self.encoder.to(data.device).eval()
+        self.encoder = with_feature_grid(self.encoder, DEFAULT_FEATURE_GRID).to(data.device).eval()
         started = time.perf_counter()
         self.features = encode(self.encoder, data.labeled.x)  # the labeled images only, once
         self.feature_seconds = time.perf_counter() - started
@@ -143,7 +143,7 @@ class LinearTarget:
         empty = train_f[:0]
         features = FeatureSet(train_f, train_y, val_f, val_y, test=empty, y_test=train_y[:0])
         generator = torch.Generator(self.data.device).manual_seed(seed)
-        head, _ = train_linear_head(features, self.fit_config(params), params["standardize"], generator)
+        head, _ = train_linear_head(features, self.fit_config(params), params["standardize"], generator, normalize=True)
         return head
 
     def evaluate(self, params: dict[str, Any], report: Report, log_step: StepLogger) -> Outcome:
@@ -316,12 +316,13 @@ class MocoTarget:
     def report_winner(self, params: dict[str, Any], trial: optuna.trial.FrozenTrial, mnist: MNIST) -> WinnerReport:
         """The winner's encoder (from its trial run) with a default linear probe, on the test set."""
         from fewshot.encoder_source import resolve_encoder
-        from fewshot.probe import cached_features, train_linear_head
+        from fewshot.probe import DEFAULT_FEATURE_GRID, cached_features, train_linear_head
 
-        encoder, _ = resolve_encoder(trial.user_attrs["model_uri"])
+        encoder = with_feature_grid(resolve_encoder(trial.user_attrs["model_uri"])[0], DEFAULT_FEATURE_GRID)
         features = cached_features(encoder, mnist, self.data.draw, self.data.device)
         cfg = FitConfig(epochs=300, lr=3e-3, batch_size=75, progress=False)
-        head, _ = train_linear_head(features, cfg, True, torch.Generator(self.data.device).manual_seed(self.data.seed))
+        generator = torch.Generator(self.data.device).manual_seed(self.data.seed)
+        head, _ = train_linear_head(features, cfg, True, generator, normalize=True)
         with torch.no_grad():
             test = topk_accuracy(head(features.test), features.y_test)
             val = _accuracy(head(features.val), features.y_val)
