@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # a plain dataclass; importing fewshot.baseline would pull in
 
 
 # the frozen probes read the encoder's last map average-pooled to 2x2 (512 values at width 32)
-# rather than 1x1: +0.8 points linear, +2.2 kNN on the CPU default encoder (README, MoCo)
+# rather than 1x1: +0.6 points linear, +2.0 kNN on the CPU default encoder (README, probes)
 DEFAULT_FEATURE_GRID = 2
 
 
@@ -145,8 +145,7 @@ def fold(head: nn.Module) -> nn.Module:
     if isinstance(head, nn.Linear):
         return head
     if isinstance(head[0], L2Normalize):
-        rest = head[1] if len(head) == 2 else head[1:]
-        return nn.Sequential(head[0], fold(rest))
+        return nn.Sequential(head[0], fold(head[1]))
     standardize, linear = head[0], head[1]
     folded = nn.Linear(linear.in_features, linear.out_features).to(linear.weight.device)
     with torch.no_grad():
@@ -316,7 +315,9 @@ def _affine(settings: ProbeSettings) -> aug.OnlineAffine:
     return aug.OnlineAffine(aug.AffineSpec().scaled(settings.augment_strength))
 
 
-def _train_linear(ctx: ProbeContext, features: FeatureSet, images: LabeledTensors, cfg: FitConfig, on_epoch):
+def _train_linear(
+    ctx: ProbeContext, features: FeatureSet, images: LabeledTensors, cfg: FitConfig, on_epoch: EpochCallback | None
+) -> tuple[nn.Module, FitResult]:
     settings = ctx.settings
     if settings.augment:
         return train_linear_head_augmented(
