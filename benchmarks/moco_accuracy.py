@@ -3,10 +3,11 @@
 After every epoch of one pretraining run (the CPU defaults unless overridden), the frozen
 encoder is probed on the full 10,000-image test set for each label draw:
 - kNN: cosine, exp(sim / 0.1)-weighted vote of the 20 nearest of the 100 labeled images;
-- linear: logistic regression on standardised features, C chosen by 5-fold CV on the 100
-  labels (never the test set).
-Both read the last feature map average-pooled to a 2x2 grid (``--feature-grid``, as
-``linear_eval``); pretraining itself uses the global pool.
+- linear: logistic regression on L2-normalised, standardised features, C chosen by 5-fold CV
+  on the 100 labels (never the test set).
+Both read the last feature map average-pooled to a 2x2 grid; the grid and the L2 normalisation
+are ``linear_eval``'s defaults (``--feature-grid``, ``--no-normalize``); pretraining itself
+uses the global pool.
 The clock counts pretraining only (probe time is excluded). The encoder is pretrained once
 on draw 0's unlabeled pool; the other draws' labeled images are in that pool, which uses no
 labels, so every draw sees the same label-free pretraining.
@@ -39,17 +40,18 @@ C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
 SUPERVISED_CNN_MEAN = 0.943  # DESIGN.md: the report's CNN with batched affine, draws 0-2
 
 
-def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, seed: int = 0):
-    """Logistic regression on standardised features, C chosen by stratified 5-fold CV on the
-    labeled set. Returns (fitted pipeline, chosen C, its CV accuracy)."""
+def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, seed: int = 0, normalize: bool = False):
+    """Logistic regression on standardised (first L2-normalised, with ``normalize``) features, C
+    chosen by stratified 5-fold CV on the labeled set. Returns (fitted pipeline, chosen C, its CV
+    accuracy)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.preprocessing import Normalizer, StandardScaler
 
     folds = min(5, int(np.bincount(train_y).min()))
     search = GridSearchCV(
-        make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)),
+        make_pipeline(*([Normalizer()] if normalize else []), StandardScaler(), LogisticRegression(max_iter=3000)),
         {"logisticregression__C": list(C_GRID)},
         cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
         n_jobs=1,
@@ -61,15 +63,25 @@ def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, seed: int = 0):
 
 
 def linear_probe(
-    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, seed: int = 0
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    seed: int = 0,
+    normalize: bool = False,
 ) -> tuple[float, float]:
     """Test accuracy of the CV-tuned linear probe and the chosen C."""
-    model, c, _ = fit_linear_probe(train_x, train_y, seed)
+    model, c, _ = fit_linear_probe(train_x, train_y, seed, normalize)
     return float((model.predict(test_x) == test_y).mean()), c
 
 
 def probe_draws(
-    encoder: torch.nn.Module, mnist: MNIST, draws: list, test_x: torch.Tensor, device: torch.device
+    encoder: torch.nn.Module,
+    mnist: MNIST,
+    draws: list,
+    test_x: torch.Tensor,
+    device: torch.device,
+    normalize: bool = False,
 ) -> dict[str, float]:
     """kNN and linear test accuracy for each draw, and their means."""
     encoder.eval()
@@ -82,7 +94,9 @@ def probe_draws(
         labels = mnist.train_labels[idx]
         knn = knn_scores(feats, labels.to(device), test_f, k=20, temperature=0.1).argmax(1).cpu()
         out[f"knn_draw{draw.seed}"] = float((knn == test_y).float().mean())
-        acc, c = linear_probe(feats.cpu().numpy(), labels.numpy(), test_f.cpu().numpy(), test_y.numpy(), draw.seed)
+        acc, c = linear_probe(
+            feats.cpu().numpy(), labels.numpy(), test_f.cpu().numpy(), test_y.numpy(), draw.seed, normalize
+        )
         out[f"linear_draw{draw.seed}"] = acc
         out[f"C_draw{draw.seed}"] = c
     for kind in ("knn", "linear"):
@@ -107,6 +121,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="pretraining seed (draw 0's unlabeled pool)")
     parser.add_argument("--draws", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--feature-grid", type=int, default=2, help="probes read the last map pooled to grid x grid")
+    parser.add_argument("--no-normalize", action="store_true", help="no L2 normalisation before the linear probe")
     parser.add_argument("--max-steps", type=int, default=0, help="cap steps per epoch (smoke tests)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--device", default="auto")
@@ -136,7 +151,8 @@ def main() -> None:
     probe_seconds = 0.0
 
     def evaluate(epoch: int, backbone: torch.nn.Module) -> dict[str, float]:
-        return probe_draws(with_feature_grid(backbone, args.feature_grid), mnist, draws, test_x, device)
+        gridded = with_feature_grid(backbone, args.feature_grid)
+        return probe_draws(gridded, mnist, draws, test_x, device, normalize=not args.no_normalize)
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         nonlocal probe_seconds
