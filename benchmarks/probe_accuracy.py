@@ -60,12 +60,15 @@ def probe_draw(encoder, mnist, draw, device: torch.device, args: argparse.Namesp
         settings = ProbeSettings(fit=fit_cfg, standardize=not args.no_standardize, augment=args.augment,
                                  normalize=not args.no_normalize, refit=not args.no_refit,
                                  knn_k=args.knn_k, knn_temperature=args.knn_temperature,
-                                 encoder_lr_ratio=args.encoder_lr_ratio)  # fmt: skip
+                                 encoder_lr_ratio=args.encoder_lr_ratio,
+                                 tta_views=args.tta_views if probe == "finetune" else 0)  # fmt: skip
         ctx = ProbeContext(encoder=encoder, features=features, images=images, settings=settings,
                            generator=seed_everything(draw.seed, device), device=device, mnist=mnist, draw=draw)  # fmt: skip
         started = time.perf_counter()
         result = run_probe(probe, ctx)
         row[f"{probe}_top1"] = topk_accuracy(result.test_scores, features.y_test)[1]
+        if result.plain_test_scores is not None:
+            row[f"{probe}_plain_top1"] = topk_accuracy(result.plain_test_scores, features.y_test)[1]
         row[f"{probe}_val_top1"] = topk_accuracy(result.val_scores, features.y_val)[1]
         row[f"{probe}_head_seconds"] = result.head_seconds
         row[f"{probe}_seconds"] = time.perf_counter() - started
@@ -84,11 +87,14 @@ def markdown_table(rows: list[dict[str, float]], args: argparse.Namespace, sourc
     header = "| method | test top-1 % (mean ± std) | " + " | ".join(f"draw {d}" for d in draws) + " | s per draw |"
     lines = [header, "|" + "---|" * (3 + len(draws))]
     methods = ([("cnn", "supervised CNN (report's, online affine)")] if "cnn_top1" in rows[0] else []) + [
-        (p, PROBE_LABELS[p]) for p in args.probes
+        (p, PROBE_LABELS[p] + (f" + TTA ({args.tta_views} views)" if p == "finetune" and args.tta_views else ""))
+        for p in args.probes
     ]
+    if "finetune_plain_top1" in rows[0]:
+        methods.append(("finetune_plain", "MoCo + fine-tuning, the same models without TTA"))
     for key, label in methods:
         values = [r[f"{key}_top1"] for r in rows]
-        seconds = statistics.mean(r[f"{key}_seconds"] for r in rows)
+        seconds = statistics.mean(r[f"{key.removesuffix('_plain')}_seconds"] for r in rows)
         cells = " | ".join(f"{100 * v:.2f}" for v in values)
         lines.append(f"| {label} | {_mean_std(values)} | {cells} | {seconds:.1f} |")
     head = [r["linear_head_seconds"] for r in rows if "linear_head_seconds" in r]
@@ -124,12 +130,17 @@ def main() -> None:
     )
     parser.add_argument("--no-standardize", action="store_true")
     parser.add_argument("--no-normalize", action="store_true", help="no L2 normalisation before the linear head")
-    parser.add_argument("--no-refit", action="store_true", help="keep the early-stopped head (75 labels)")
-    parser.add_argument("--augment", action="store_true", help="linear probe on features of augmented images")
+    parser.add_argument(
+        "--no-refit", action="store_true", help="keep the early-stopped head or fine-tuned model (75 labels)"
+    )
+    parser.add_argument(
+        "--augment", action="store_true", help="linear probe on features of augmented images (the strong view)"
+    )
     parser.add_argument("--knn-k", type=int, default=20)
     parser.add_argument("--knn-temperature", type=float, default=0.1)
     parser.add_argument("--finetune-epochs", type=int, default=1000)
     parser.add_argument("--encoder-lr-ratio", type=float, default=0.1)
+    parser.add_argument("--tta-views", type=int, default=8, help="fine-tuning: test-time augmentation views (0: off)")
     parser.add_argument("--baseline-epochs", type=int, default=1000, help="supervised CNN epochs; 0 skips it")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--device", default="auto")

@@ -79,7 +79,7 @@ def markdown_table(rows: list[dict], cfg: SemisupConfig, source_text: str) -> st
     notes = ["", f"Settings: {source_text}; {cfg.steps} steps of {cfg.batch_size} labeled + "
              f"{cfg.unlabeled_batch} unlabeled images, tau {cfg.tau}, lambda_u {cfg.lambda_u}, threshold "
              f"{cfg.threshold}, distribution alignment {cfg.dist_align}, targets {cfg.targets}, EMA {cfg.ema}, "
-             f"strong {cfg.strong} x{cfg.strong_strength}, lr {cfg.lr} ({cfg.optimizer})."]  # fmt: skip
+             f"strong {cfg.strong} x{cfg.strong_strength}, crossbar {cfg.bar}, lr {cfg.lr} ({cfg.optimizer})."]  # fmt: skip
     paired = sorted(set(by_init["moco"]) & set(by_init[RANDOM_INIT]))
     if paired:
         gains = [float(by_init["moco"][d]["test_top1"]) - float(by_init[RANDOM_INIT][d]["test_top1"]) for d in paired]
@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--ema", type=float, default=d.ema)
     parser.add_argument("--strong", choices=list(STRONG_PRESETS), default=d.strong)
     parser.add_argument("--strong-strength", type=float, default=d.strong_strength)
+    parser.add_argument("--bar", type=float, default=d.bar, help="share of labeled and strong views given a crossbar")
     parser.add_argument("--eval-every", type=int, default=d.eval_every)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--device", default="auto")
@@ -133,7 +134,7 @@ def main() -> None:
     base = SemisupConfig(
         init=args.init, arch=arch, width=width, steps=args.steps, batch_size=args.batch_size, mu=args.mu, lr=args.lr,
         tau=args.tau, lambda_u=args.lambda_u, threshold=args.threshold, dist_align=not args.no_dist_align,
-        targets=args.targets, ema=args.ema, strong=args.strong, strong_strength=args.strong_strength,
+        targets=args.targets, ema=args.ema, strong=args.strong, strong_strength=args.strong_strength, bar=args.bar,
         eval_every=args.eval_every, device=str(device),
     )  # fmt: skip
     base.validate()

@@ -32,9 +32,15 @@ from fewshot.train import OPTIMIZERS, FitConfig
     type=click.Choice(AUGMENT_CHOICES),
     default="auto",
     show_default=True,
-    help="online: recompute features of randomly warped labeled images every step; auto: online for finetune only.",
+    help="Augment the labeled images every step: online (a mild random affine) or strong (larger affine, elastic, "
+    "pen width, cutout, crossbars); auto: strong for finetune, none for linear and knn.",
 )
 @click.option("--augment-strength", type=click.FloatRange(0, 3), default=1.0, show_default=True)
+@click.option("--bar", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+              help="Strong augmentation: share of images given a short crossbar (crossed sevens and zeds).")  # fmt: skip
+@click.option("--tta-views", type=click.IntRange(0, 64), default=8, show_default=True,
+              help="Fine-tuning: test predictions average the image and this many mildly warped copies "
+              "(as the CNN baseline's); 0: off. test_plain_top1 is logged beside.")  # fmt: skip
 @click.option("--knn-k", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--knn-temperature", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True)
 @click.option(

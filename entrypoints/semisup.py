@@ -49,6 +49,8 @@ def _bool_option(name: str, default: bool, help_text: str):
 @click.option("--strong", type=click.Choice(list(STRONG_PRESETS)), default=D.strong, show_default=True)
 @click.option("--strong-strength", type=float, default=D.strong_strength, show_default=True)
 @click.option("--weak-strength", type=float, default=D.weak_strength, show_default=True)
+@click.option("--bar", type=click.FloatRange(0, 1), default=D.bar, show_default=True,
+              help="Share of labeled and strong views given a short crossbar (crossed sevens and zeds).")  # fmt: skip
 @_bool_option("--head-warmup", D.head_warmup, "Start from a linear head fitted on the frozen encoder's features.")
 @click.option("--eval-every", type=int, default=D.eval_every, show_default=True,
               help="Steps between evaluations (and checkpoints).")  # fmt: skip

@@ -217,6 +217,7 @@ class ViewSpec:
     elastic_alpha: float = 0.0
     elastic_sigma: float = 4.0
     stroke_probability: float = 0.0  # share of images whose strokes get thicker or thinner
+    bar_probability: float = 0.0  # share of images that get a short horizontal bar across the middle stroke
 
     def scaled(self, strength: float) -> ViewSpec:
         lo, hi = self.crop_scale
@@ -230,10 +231,40 @@ class ViewSpec:
         )
 
 
+# The strong view of a digit, never flipped: larger affine with zoom in and out, elastic strokes,
+# thicker or thinner pen, contrast, a little blur and a mild cutout (half the images, a square of
+# at most 40% of the side). Semi-supervised training and fine-tuning add crossbars on top.
+STRONG_DIGITS = ViewSpec(
+    crop_scale=(0.6, 1.25),
+    rotation=25.0,
+    shear=15.0,
+    jitter=0.5,
+    blur_probability=0.2,
+    blur_sigma=1.0,
+    erase_probability=0.5,
+    erase_fraction=0.4,
+    elastic_alpha=30.0,
+    elastic_sigma=4.0,
+    stroke_probability=0.3,
+)
+
+
+class OnlineView:
+    """A fresh ``random_view`` of every image, every step (a supervised augmentation like OnlineAffine)."""
+
+    def __init__(self, spec: ViewSpec) -> None:
+        self.spec = spec
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return random_view(x, self.spec, generator)
+
+
 def random_view(x: torch.Tensor, spec: ViewSpec, generator: torch.Generator) -> torch.Tensor:
     n, device = x.shape[0], x.device
     if spec.stroke_probability > 0:
         x = stroke_width(x, spec.stroke_probability, generator)
+    if spec.bar_probability > 0:
+        x = crossbar(x, spec.bar_probability, generator)
     area = _uniform(n, spec.crop_scale[0], spec.crop_scale[1], generator, device)
     zoom = 1 / area.sqrt()  # keeping a fraction `area` of the image and resizing it back
     # the kept window must stay inside the image: centre offset at most (1 - 1/zoom) / 2
@@ -281,3 +312,26 @@ def stroke_width(x: torch.Tensor, probability: float, generator: torch.Generator
     dilated = F.max_pool2d(x, 3, stride=1, padding=1)
     eroded = (x - F.max_pool2d(-x, 3, stride=1, padding=1)) / 2  # half-way: a full 3x3 erosion erases thin digits
     return torch.where(thicken, dilated, torch.where(thin, eroded, x))
+
+
+def crossbar(x: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """Draw a short horizontal bar across the stroke near mid-height of a random subset of the
+    batch: some writers cross their sevens (and zeds), and the bar does not change the digit.
+    The bar is centred on the ink of its row band, 6-12 pixels long and 1-2 pixels thick."""
+    n, _, h, w = x.shape
+    device = x.device
+    apply = (torch.rand(n, generator=generator, device=device) < probability).view(n, 1, 1, 1)
+    row = _uniform(n, 0.46 * h, 0.58 * h, generator, device).view(n, 1, 1)
+    rows = torch.arange(h, device=device, dtype=x.dtype).view(1, h, 1)
+    cols = torch.arange(w, device=device, dtype=x.dtype).view(1, 1, w)
+    band = (rows - row).abs() <= 1.5  # (n, h, 1): the rows the bar covers, where the stroke is found
+    ink = (x[:, 0] * band).sum(dim=1)  # (n, w)
+    centre = (ink * cols.view(1, w)).sum(dim=1) / ink.sum(dim=1).clamp(min=1e-6)
+    centre = torch.where(ink.sum(dim=1) > 1e-3, centre, torch.full_like(centre, (w - 1) / 2))
+    centre = centre + _uniform(n, -1.5, 1.5, generator, device)
+    half = _uniform(n, 3.0, 6.0, generator, device).view(n, 1, 1)
+    thick = _uniform(n, 1.0, 2.0, generator, device).view(n, 1, 1)
+    vertical = (thick / 2 + 0.5 - (rows - row).abs()).clamp(0, 1)
+    horizontal = (half + 0.5 - (cols - centre.view(n, 1, 1)).abs()).clamp(0, 1)
+    bar = (vertical * horizontal).unsqueeze(1)
+    return torch.where(apply, torch.maximum(x, bar), x)

@@ -30,7 +30,10 @@ from fewshot.probe import (
 )
 from fewshot.train import FitConfig
 
-AUGMENT_CHOICES = ("auto", "none", "online")  # auto: none for linear and kNN, online for fine-tuning
+# online: a mild random affine; strong: augment.STRONG_DIGITS with crossbars; auto: none for linear and kNN,
+# strong for fine-tuning
+AUGMENT_CHOICES = ("auto", "none", "online", "strong")
+VIEWS = {"online": "affine", "strong": "strong"}
 
 
 @dataclass
@@ -40,9 +43,11 @@ class LinearEvalConfig:
     standardize: bool = True
     augment: str = "auto"
     augment_strength: float = 1.0
+    bar: float = 0.3  # strong augmentation: share of images given a crossbar
     knn_k: int = 20
     knn_temperature: float = 0.1
     encoder_lr_ratio: float = 0.1
+    tta_views: int = 8  # fine-tuning only, as the CNN baseline: test scores over the image and 8 warped copies
     feature_grid: int = DEFAULT_FEATURE_GRID  # not for semisup, which trains its own global-pool classifier
     refit: bool = True
     normalize: bool = True
@@ -60,14 +65,20 @@ class LinearEvalConfig:
             raise UserError(f"--probe {self.probe}: unknown probe; choose one of {', '.join(PROBES)}")
         if self.augment not in AUGMENT_CHOICES:
             raise UserError(f"--augment {self.augment}: choose one of {', '.join(AUGMENT_CHOICES)}")
-        if self.probe == "knn" and self.augment == "online":
-            raise UserError("--augment online: the kNN probe trains nothing; drop --augment or use --probe linear")
+        if self.probe == "knn" and self.augment in VIEWS:
+            raise UserError(
+                f"--augment {self.augment}: the kNN probe trains nothing; drop --augment or use --probe linear"
+            )
+        if not 0 <= self.bar <= 1:
+            raise UserError(f"--bar {self.bar}: must be between 0 and 1 (a share of the images)")
         if not 0 <= self.augment_strength <= 3:
             raise UserError(f"--augment-strength {self.augment_strength}: must be between 0 and 3")
         if self.knn_k < 1:
             raise UserError(f"--knn-k {self.knn_k}: must be >= 1")
         if not self.knn_temperature > 0:
             raise UserError(f"--knn-temperature {self.knn_temperature}: must be > 0")
+        if not 0 <= self.tta_views <= 64:
+            raise UserError(f"--tta-views {self.tta_views}: must be between 0 (off) and 64")
         if not 0 < self.encoder_lr_ratio <= 10:
             raise UserError(f"--encoder-lr-ratio {self.encoder_lr_ratio}: must be in (0, 10]")
         if not 1 <= self.feature_grid <= 4:
@@ -79,15 +90,18 @@ class LinearEvalConfig:
         self.fit.validate()
 
     @property
-    def augmented(self) -> bool:
-        return self.augment == "online" or (self.augment == "auto" and self.probe == "finetune")
+    def augmentation(self) -> str:
+        """The augmentation in effect: none, online or strong (``auto`` resolved for the probe)."""
+        if self.augment != "auto":
+            return self.augment
+        return "strong" if self.probe == "finetune" else "none"
 
     def settings(self) -> ProbeSettings:
         return ProbeSettings(
-            fit=self.fit, standardize=self.standardize, augment=self.augmented,
-            augment_strength=self.augment_strength, knn_k=self.knn_k, knn_temperature=self.knn_temperature,
-            encoder_lr_ratio=self.encoder_lr_ratio, refit=self.refit,
-            normalize=self.normalize,
+            fit=self.fit, standardize=self.standardize, augment=self.augmentation != "none",
+            augment_view=VIEWS.get(self.augmentation, "strong"), augment_strength=self.augment_strength, bar=self.bar,
+            knn_k=self.knn_k, knn_temperature=self.knn_temperature, encoder_lr_ratio=self.encoder_lr_ratio,
+            refit=self.refit, normalize=self.normalize, tta_views=self.tta_views if self.probe == "finetune" else 0,
         )  # fmt: skip
 
     @property
@@ -98,7 +112,7 @@ class LinearEvalConfig:
         flat = {k: v for k, v in asdict(self).items() if k != "fit"}
         flat.update(asdict(self.fit))
         flat.pop("progress")
-        flat["augment"] = "online" if self.augmented else "none"
+        flat["augment"] = self.augmentation
         flat["feature_grid"] = self.grid
         return flat
 
@@ -174,8 +188,11 @@ def log_probe_result(
             f"evaluation/embedding_{cfg.embedding}.png",
         )
     # consistency of the logged classifier with the scores measured above (images in, scores out)
+    own_scores = result.test_scores if result.plain_test_scores is None else result.plain_test_scores
+    if result.plain_test_scores is not None:
+        tracker.log_metrics({"test_plain_top1": topk_accuracy(result.plain_test_scores, features.y_test)[1]})
     check = predict_logits(result.classifier, images.x_test[:500])
-    if not torch.allclose(check, result.test_scores[:500], rtol=1e-4, atol=1e-4):
+    if not torch.allclose(check, own_scores[:500], rtol=1e-4, atol=1e-4):
         raise RuntimeError("the classifier to be logged and the probe disagree on the test images")
     tracker.log_torch_model(result.head, "head", _head_spec(cfg.probe, features.feature_dim, cfg.grid))
     classifier_uri = tracker.log_torch_model(

@@ -21,7 +21,7 @@ from torch import nn
 
 from fewshot import augment as aug
 from fewshot.data import MNIST, NUM_CLASSES, LabeledDraw, to_unit
-from fewshot.evaluate import extract_features, knn_scores, predict_logits
+from fewshot.evaluate import extract_features, knn_scores, predict_logits, predict_tta
 from fewshot.models import EncoderClassifier
 from fewshot.train import Augment, EpochCallback, FitConfig, FitResult, fit
 
@@ -270,12 +270,15 @@ class ProbeSettings:
     fit: FitConfig = field(default_factory=FitConfig)
     standardize: bool = True
     augment: bool = False  # linear: features of augmented images; fine-tuning always augments
-    refit: bool = True  # linear: after early stopping, a fresh head on all 100 labels
+    augment_view: str = "strong"  # "affine" (a mild random affine) or "strong" (augment.STRONG_DIGITS + crossbars)
+    refit: bool = True  # linear and fine-tuning: after early stopping, retrained on all 100 labels
     normalize: bool = True  # linear and fine-tuning heads: features L2-normalised first
     augment_strength: float = 1.0
+    bar: float = 0.3  # strong view: share of images given a crossbar (augment.crossbar)
     knn_k: int = 20
     knn_temperature: float = 0.1
     encoder_lr_ratio: float = 0.1  # fine-tuning: encoder lr = lr * ratio
+    tta_views: int = 0  # fine-tuning: test scores average the image and this many mildly warped copies
 
 
 @dataclass
@@ -300,6 +303,7 @@ class ProbeResult:
     fit: FitResult | None
     head_seconds: float  # wall time of training (kNN: building the bank)
     frozen: bool  # the encoder was frozen (and checked unchanged by the caller)
+    plain_test_scores: torch.Tensor | None = None  # the classifier's own test scores when test_scores are TTA's
 
 
 Probe = Callable[[ProbeContext], ProbeResult]
@@ -311,7 +315,10 @@ def _classifier(encoder: nn.Module, head: nn.Module) -> EncoderClassifier:
     return classifier.eval()
 
 
-def _affine(settings: ProbeSettings) -> aug.OnlineAffine:
+def _augmentation(settings: ProbeSettings) -> Augment:
+    if settings.augment_view == "strong":
+        spec = replace(aug.STRONG_DIGITS.scaled(settings.augment_strength), bar_probability=settings.bar)
+        return aug.OnlineView(spec)
     return aug.OnlineAffine(aug.AffineSpec().scaled(settings.augment_strength))
 
 
@@ -321,7 +328,7 @@ def _train_linear(
     settings = ctx.settings
     if settings.augment:
         return train_linear_head_augmented(
-            ctx.encoder, images, features, cfg, settings.standardize, _affine(settings), ctx.generator, on_epoch,
+            ctx.encoder, images, features, cfg, settings.standardize, _augmentation(settings), ctx.generator, on_epoch,
             settings.normalize,
         )  # fmt: skip
     return train_linear_head(features, cfg, settings.standardize, ctx.generator, on_epoch, settings.normalize)
@@ -356,7 +363,11 @@ def knn_probe(ctx: ProbeContext) -> ProbeResult:
 
 def finetune_probe(ctx: ProbeContext) -> ProbeResult:
     """Linear probe first (a good head to start from), then encoder and head trained together on
-    augmented labeled images, the encoder at ``lr * encoder_lr_ratio``; batch-norm in train mode."""
+    augmented labeled images, the encoder at ``lr * encoder_lr_ratio``; batch-norm in train mode.
+    Early-stopped on the 25 validation labels (their scores are the held-out ones reported); with
+    ``refit``, the same recipe is then rerun from the loaded encoder on all 100 labels for as many
+    epochs, and with ``tta_views`` the test scores average warped copies, as the supervised CNN
+    baseline does both."""
     settings, started = ctx.settings, time.perf_counter()
     if settings.fit.optimizer == "lbfgs":
         from fewshot.errors import UserError
@@ -364,24 +375,39 @@ def finetune_probe(ctx: ProbeContext) -> ProbeResult:
         raise UserError(
             "--optimizer lbfgs: L-BFGS has one learning rate for all parameters; fine-tune with adamw or sgd"
         )
-    head, _ = train_linear_head(
-        ctx.features, settings.fit, settings.standardize, ctx.generator, normalize=settings.normalize
-    )
+    classifier, result = _finetune(ctx, ctx.features, ctx.images, settings.fit, ctx.on_epoch)
+    val_scores = predict_logits(classifier, ctx.images.x_val)
+    if settings.refit:
+        refit_cfg = replace(settings.fit, epochs=result.epochs_run, patience=0)
+        classifier, _ = _finetune(ctx, ctx.features.all_labels(), ctx.images.all_labels(), refit_cfg, None)
+    seconds = time.perf_counter() - started
+    classifier.eval()
+    test_scores = plain = predict_logits(classifier, ctx.images.x_test)
+    if settings.tta_views:
+        test_scores = predict_tta(classifier, ctx.images.x_test, settings.tta_views, ctx.generator)
+    return ProbeResult(classifier, classifier.head, val_scores, test_scores, result, seconds, frozen=False,
+                       plain_test_scores=plain if settings.tta_views else None)  # fmt: skip
+
+
+def _finetune(
+    ctx: ProbeContext, features: FeatureSet, images: LabeledTensors, cfg: FitConfig, on_epoch: EpochCallback | None
+) -> tuple[EncoderClassifier, FitResult]:
+    """A trainable copy of the loaded encoder under a linear head fitted on ``features``, trained on
+    ``images`` (early-stopped on their validation split when there is one)."""
+    settings = ctx.settings
+    head, _ = train_linear_head(features, cfg, settings.standardize, ctx.generator, normalize=settings.normalize)
     encoder = copy.deepcopy(ctx.encoder)
     for parameter in encoder.parameters():
         parameter.requires_grad_(True)
-    classifier = _classifier(encoder, copy.deepcopy(head))
+    classifier = _classifier(encoder, head)
     groups = [
-        {"params": list(classifier.encoder.parameters()), "lr": settings.fit.lr * settings.encoder_lr_ratio},
-        {"params": list(classifier.head.parameters()), "lr": settings.fit.lr},
+        {"params": list(classifier.encoder.parameters()), "lr": cfg.lr * settings.encoder_lr_ratio},
+        {"params": list(classifier.head.parameters()), "lr": cfg.lr},
     ]
-    result = fit(classifier, (ctx.images.x_train, ctx.images.y_train), (ctx.images.x_val, ctx.images.y_val),
-                 settings.fit, ctx.generator, augment=_affine(settings), on_epoch=ctx.on_epoch, params=groups)  # fmt: skip
-    seconds = time.perf_counter() - started
-    classifier.eval()
-    val_scores = predict_logits(classifier, ctx.images.x_val)
-    test_scores = predict_logits(classifier, ctx.images.x_test)
-    return ProbeResult(classifier, classifier.head, val_scores, test_scores, result, seconds, frozen=False)
+    val = _held_out(images.x_val, images.y_val)
+    result = fit(classifier, (images.x_train, images.y_train), val, cfg, ctx.generator, augment=_augmentation(settings),
+                 on_epoch=on_epoch, params=groups)  # fmt: skip
+    return classifier, result
 
 
 def semisup_probe(ctx: ProbeContext) -> ProbeResult:

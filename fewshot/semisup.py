@@ -51,15 +51,10 @@ REGISTERED_MODEL = "fewshot-classifier"
 
 # Weak view: a small affine (a few pixels of shift, a little rotation, scale and shear).
 WEAK_SPEC = aug.AffineSpec(rotation=10.0, scale=(0.9, 1.1), translate=0.1, shear=5.0)
-# Strong views, never flipped. "digits": larger affine with zoom in and out, elastic strokes,
-# thicker or thinner pen, contrast, a little blur and a mild cutout (half the images, a square
-# of at most 40% of the side). "fixmatch": the calibration prototype's recipe (larger affine,
-# erasing of up to half the side on every image, contrast).
+# Strong views, never flipped: "digits" (augment.STRONG_DIGITS) or "fixmatch", the calibration
+# prototype's recipe (larger affine, erasing of up to half the side on every image, contrast).
 STRONG_PRESETS: dict[str, aug.ViewSpec] = {
-    "digits": aug.ViewSpec(
-        crop_scale=(0.6, 1.25), rotation=25.0, shear=15.0, jitter=0.5, blur_probability=0.2, blur_sigma=1.0,
-        erase_probability=0.5, erase_fraction=0.4, elastic_alpha=30.0, elastic_sigma=4.0, stroke_probability=0.3,
-    ),
+    "digits": aug.STRONG_DIGITS,
     "fixmatch": aug.ViewSpec(
         crop_scale=(0.7, 1.2), rotation=30.0, shear=15.0, jitter=0.5, blur_probability=0.0,
         erase_probability=1.0, erase_fraction=0.5,
@@ -77,7 +72,7 @@ class SemisupConfig:
     init: str = DEFAULT_ENCODER  # a MoCo encoder (models:/..., runs:/..., checkpoint) or "random"
     arch: str = "digit"  # random init only; a pretrained encoder brings its own
     width: int = 32
-    steps: int = 1500
+    steps: int = 500  # the curves flatten by 300-500 steps (README, semi-supervised)
     epochs: float = 0.0  # > 0: passes over the unlabeled pool instead of --steps
     batch_size: int = 32  # labeled images per step (drawn with replacement from the train split)
     mu: int = 7  # unlabeled images per step = mu * batch_size
@@ -94,8 +89,9 @@ class SemisupConfig:
     strong: str = "digits"
     strong_strength: float = 1.0
     weak_strength: float = 1.0
+    bar: float = 0.3  # share of labeled and strong views given a crossbar (augment.crossbar)
     head_warmup: bool = True  # pretrained init: start from a linear head fitted on the frozen features
-    eval_every: int = 250
+    eval_every: int = 100
     eval_test: bool = True  # test top-1 at every evaluation (monitoring; never used to choose)
     seed: int = 0
     data_dir: str | None = None
@@ -141,11 +137,12 @@ class SemisupConfig:
         need(self.targets != "ema" or self.ema > 0, "--targets ema: needs an EMA model; set --ema above 0 (e.g. 0.999)")
         need(self.strong in STRONG_PRESETS, f"--strong {self.strong}: choose one of {', '.join(STRONG_PRESETS)}")
         need(0 <= self.strong_strength <= 3, f"--strong-strength {self.strong_strength}: must be between 0 and 3")
+        need(0 <= self.bar <= 1, f"--bar {self.bar}: must be between 0 and 1 (a share of the views)")
         need(0 <= self.weak_strength <= 3, f"--weak-strength {self.weak_strength}: must be between 0 and 3")
         need(self.eval_every >= 1, f"--eval-every {self.eval_every}: must be >= 1 step")
 
     def strong_spec(self) -> aug.ViewSpec:
-        return STRONG_PRESETS[self.strong].scaled(self.strong_strength)
+        return replace(STRONG_PRESETS[self.strong].scaled(self.strong_strength), bar_probability=self.bar)
 
     def weak_spec(self) -> aug.AffineSpec:
         return WEAK_SPEC.scaled(self.weak_strength)
@@ -157,7 +154,7 @@ class SemisupConfig:
     RESUME_KEYS = (
         "init", "arch", "width", "steps", "epochs", "batch_size", "mu", "optimizer", "lr", "weight_decay",
         "encoder_lr_ratio", "tau", "lambda_u", "threshold", "dist_align", "targets", "ema", "strong",
-        "strong_strength", "weak_strength", "head_warmup", "eval_every", "seed", "labels_per_class", "n_labels",
+        "strong_strength", "weak_strength", "bar", "head_warmup", "eval_every", "seed", "labels_per_class", "n_labels",
     )  # fmt: skip
 
 
@@ -565,7 +562,7 @@ def train_semisup(
     model.train()
     order, order_epoch = None, -1
     last_confusion: torch.Tensor | None = None
-    bar = tqdm(total=total, initial=step, desc="semisup", disable=not cfg.progress, dynamic_ncols=True)
+    progress_bar = tqdm(total=total, initial=step, desc="semisup", disable=not cfg.progress, dynamic_ncols=True)
     window_start = time.perf_counter()
     window_steps = 0
     # Ctrl-C / SIGTERM: finish the step, write a checkpoint, then stop
@@ -576,7 +573,10 @@ def train_semisup(
                 order, order_epoch = _pool_order(cfg.seed, epoch, n_pool, device), epoch
             positions = order[i * unlabeled_batch : (i + 1) * unlabeled_batch]
             labeled = torch.randint(n_labeled, (cfg.batch_size,), generator=generator, device=device)
-            x_l = aug.random_affine(data.x_train[labeled], weak, generator)
+            x_l = data.x_train[labeled]
+            if cfg.bar > 0:
+                x_l = aug.crossbar(x_l, cfg.bar, generator)
+            x_l = aug.random_affine(x_l, weak, generator)
             u = to_unit(data.pool[positions])
             u_weak = aug.random_affine(u, weak, generator)
             u_strong = aug.random_view(u, strong, generator)
@@ -596,7 +596,7 @@ def train_semisup(
             if ema is not None:
                 ema.update(model, step)
             monitor.add(out, data.pool_labels[positions] if with_labels else None)
-            bar.update(1)
+            progress_bar.update(1)
             if step % cfg.eval_every == 0 or step == total:
                 if cuda:
                     torch.cuda.synchronize(device)
@@ -629,7 +629,7 @@ def train_semisup(
                 shown = {"val": f"{metrics['val_acc']:.3f}", "mask": f"{metrics['mask_rate']:.2f}"}
                 if "test_acc" in metrics:
                     shown["test"] = f"{metrics['test_acc']:.4f}"
-                bar.set_postfix(shown)
+                progress_bar.set_postfix(shown)
                 if on_eval is not None:
                     on_eval(step, metrics)
                 checkpoint()
@@ -639,7 +639,7 @@ def train_semisup(
                 seconds += time.perf_counter() - window_start
                 checkpoint()
             stop.raise_if_requested()
-    bar.close()
+    progress_bar.close()
     model.eval()
     final = evaluated().eval()
     return SemisupResult(final, model, history, step, seconds, last_confusion if with_labels else None)

@@ -53,6 +53,23 @@ def test_erase_and_elastic_keep_range() -> None:
     assert warped.shape == x.shape and not torch.allclose(warped, x)
 
 
+def test_crossbar_adds_a_short_horizontal_bar_across_the_middle_stroke_only() -> None:
+    x = _digit_batch(200)  # stroke in columns 12-15
+    barred = aug.crossbar(x, probability=0.5, generator=torch.Generator().manual_seed(0))
+    added = barred - x
+    changed = (added > 0).flatten(1).any(1)
+    assert (added >= 0).all() and barred.max() <= 1  # ink added, none taken, still in [0, 1]
+    assert 60 < int(changed.sum()) < 140  # about half the images
+    rows = (added[changed] > 0).any(dim=3).squeeze(1)  # (n, 28): rows the bar touches
+    cols = (added[changed] > 0).any(dim=2).squeeze(1)
+    assert not rows[:, :11].any() and not rows[:, 19:].any()  # near mid-height
+    assert (rows.sum(1) <= 4).all()  # a bar, 1-2 pixels thick (anti-aliased edges)
+    touches = cols[:, 11] | cols[:, 16]  # the bar meets the stroke (columns 12-15, already inked)
+    assert touches.all() and not cols[:, :4].any() and not cols[:, 24:].any()
+    assert torch.equal(aug.crossbar(x, 0.5, torch.Generator().manual_seed(0)), barred)  # seeded
+    assert torch.equal(aug.crossbar(x, 0.0, torch.Generator().manual_seed(0)), x)
+
+
 def test_topk_on_hand_made_logits() -> None:
     logits = torch.tensor([[0.9, 0.05, 0.05], [0.1, 0.2, 0.7], [0.3, 0.6, 0.1], [0.2, 0.2, 0.6]])
     targets = torch.tensor([0, 1, 0, 2])

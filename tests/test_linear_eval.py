@@ -98,7 +98,8 @@ def test_other_probes_from_a_checkpoint(synthetic_data_dir: Path, tracking_store
     run = MlflowClient().get_run(result["run_id"])
     assert run.info.status == "FINISHED" and run.data.params["probe"] == probe
     assert run.data.tags["encoder_source"] == "checkpoint" and len(run.data.tags["encoder_sha256"]) == 64
-    assert run.data.params["augment"] == ("online" if probe == "finetune" else "none")
+    assert run.data.params["augment"] == ("strong" if probe == "finetune" else "none")
+    assert ("test_plain_top1" in run.data.metrics) == (probe == "finetune")  # fine-tuning reports TTA scores
     assert f"evaluation/embedding_{embedding}.png" in _artifacts(MlflowClient(), run.info.run_id)
     assert 0 <= result["test_top1"] <= result["test_top5"] <= 1
 

@@ -162,5 +162,33 @@ def test_finetune_trains_a_copy_with_a_smaller_encoder_lr(setup: dict) -> None:
     assert max(lrs) <= 1e-3 + 1e-12  # group 0 is the encoder: lr * 0.1 at the one-cycle peak
 
 
+def test_finetune_refit_retrains_on_all_labels_after_the_held_out_fit(setup: dict) -> None:
+    fit_cfg = FitConfig(epochs=3, lr=1e-2, progress=False)
+    results = {}
+    for refit in (False, True):
+        encoder = tiny_encoder(seed=5)
+        epochs: list[int] = []
+        ctx = _context(setup, encoder, ProbeSettings(fit=fit_cfg, refit=refit))
+        ctx.on_epoch = lambda epoch, metrics, epochs=epochs: epochs.append(epoch)
+        results[refit] = (run_probe("finetune", ctx), epochs)
+        assert same_weights(encoder, tiny_encoder(seed=5))
+    (plain, plain_epochs), (refitted, refit_epochs) = results[False], results[True]
+    assert plain_epochs == refit_epochs == [0, 1, 2]  # the logged curves are of the held-out fit only
+    assert torch.equal(plain.val_scores, refitted.val_scores)  # validation scores come before the refit
+    assert not torch.allclose(plain.test_scores, refitted.test_scores)  # the test scores come after it
+    assert not same_weights(plain.classifier.encoder, refitted.classifier.encoder)
+
+
+def test_finetune_tta_scores_average_warped_copies_and_keep_the_classifiers_own(setup: dict) -> None:
+    settings = ProbeSettings(fit=FitConfig(epochs=2, lr=1e-2, progress=False), tta_views=4)
+    result = run_probe("finetune", _context(setup, tiny_encoder(seed=5), settings))
+    x_test = setup["images"].x_test
+    with torch.no_grad():
+        own = result.classifier(x_test)
+    assert result.plain_test_scores is not None and torch.allclose(own, result.plain_test_scores, atol=1e-5)
+    assert not torch.allclose(result.test_scores, result.plain_test_scores, atol=1e-3)
+    assert torch.allclose(result.test_scores.exp().sum(1), torch.ones(len(x_test)), atol=1e-4)  # log mean softmax
+
+
 def test_the_probe_registry_is_open() -> None:
     assert set(PROBES) >= {"linear", "knn", "finetune"}

@@ -243,7 +243,7 @@ def test_ctrl_c_mid_window_stops_after_the_step_with_a_checkpoint_that_resumes_e
     [({"tau": 0.0}, "--tau"), ({"tau": 1.5}, "--tau"), ({"lambda_u": -1.0}, "--lambda-u"),
      ({"threshold": "freematch"}, "--threshold"), ({"targets": "ema", "ema": 0.0}, "--targets ema"),
      ({"strong": "flips"}, "--strong"), ({"mu": 0}, "--mu"), ({"lr": float("nan")}, "--lr"),
-     ({"init": " "}, "--init")],
+     ({"init": " "}, "--init"), ({"bar": 1.5}, "--bar")],
 )  # fmt: skip
 def test_bad_settings_are_refused_naming_the_option(change: dict, option: str) -> None:
     with pytest.raises(UserError, match=option):

@@ -362,6 +362,7 @@ class SemisupTarget(TrainedClassifierTarget):
             "tau": trial.suggest_float("tau", 0.8, 0.98),
             "lambda_u": trial.suggest_float("lambda_u", 0.25, 4.0, log=True),
             "strong_strength": trial.suggest_float("strong_strength", 0.5, 1.5),
+            "bar": trial.suggest_float("bar", 0.0, 0.6),
             "threshold": trial.suggest_categorical("threshold", ["fixed", "flexmatch"]),
             "dist_align": trial.suggest_categorical("dist_align", [True, False]),
         }
