@@ -33,12 +33,15 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) ->
 
 
 @torch.no_grad()
-def predict_tta(model: nn.Module, x: torch.Tensor, views: int, generator: torch.Generator) -> torch.Tensor:
+def predict_tta(
+    model: nn.Module, x: torch.Tensor, views: int, generator: torch.Generator, plain: torch.Tensor | None = None
+) -> torch.Tensor:
     """Test-time augmentation: the log of the mean softmax over ``x`` and ``views`` mildly warped
-    copies of it (the default affine at half strength), usable wherever logits are."""
+    copies of it (the default affine at half strength), usable wherever logits are. ``plain``: the
+    model's logits on ``x`` when the caller already has them (saves one pass)."""
     from fewshot.augment import TTA_SPEC, random_affine
 
-    probs = predict_logits(model, x).softmax(1)
+    probs = (predict_logits(model, x) if plain is None else plain).softmax(1)
     for _ in range(views):
         probs += predict_logits(model, random_affine(x, TTA_SPEC, generator)).softmax(1)
     return (probs / (views + 1)).log()

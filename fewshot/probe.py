@@ -384,7 +384,7 @@ def finetune_probe(ctx: ProbeContext) -> ProbeResult:
     classifier.eval()
     test_scores = plain = predict_logits(classifier, ctx.images.x_test)
     if settings.tta_views:
-        test_scores = predict_tta(classifier, ctx.images.x_test, settings.tta_views, ctx.generator)
+        test_scores = predict_tta(classifier, ctx.images.x_test, settings.tta_views, ctx.generator, plain)
     return ProbeResult(classifier, classifier.head, val_scores, test_scores, result, seconds, frozen=False,
                        plain_test_scores=plain if settings.tta_views else None)  # fmt: skip
 

@@ -69,6 +69,8 @@ def test_tta_is_the_mean_softmax_over_the_image_and_its_warped_copies() -> None:
     assert torch.allclose(tta.exp(), (plain + copies[0] + copies[1]) / 3, atol=1e-6)
     assert not torch.allclose(tta.exp(), plain, atol=1e-3), "the copies are warped"
     assert torch.equal(tta, predict_tta(model, x, 2, torch.Generator().manual_seed(3))), "seeded"
+    reused = predict_tta(model, x, 2, torch.Generator().manual_seed(3), plain=predict_logits(model, x))
+    assert torch.equal(tta, reused), "given plain logits: the same scores without the extra pass"
 
 
 def test_same_seed_same_numbers(synthetic_data_dir: Path, tracking_store: str) -> None:
