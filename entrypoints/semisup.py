@@ -56,6 +56,8 @@ def _bool_option(name: str, default: bool, help_text: str):
               help="Steps between evaluations (and checkpoints).")  # fmt: skip
 @click.option("--eval-test/--no-eval-test", default=D.eval_test, show_default=True,
               help="Also log test top-1 at every evaluation (monitoring only; nothing is chosen on it).")  # fmt: skip
+@click.option("--tta-views", type=click.IntRange(0, 64), default=D.tta_views, show_default=True,
+              help="Final test scores: mean softmax over the image and this many mildly warped copies (0: off).")  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the label draw and the training.")
 @click.option("--data-dir", default="", callback=_existing_dir,
               help="Folder with the four MNIST IDX files; default $FEWSHOT_DATA_DIR, else ./data with download.")  # fmt: skip

@@ -11,7 +11,7 @@ import torch
 from fewshot import augment as aug
 from fewshot import plots, tracking
 from fewshot.data import MNIST, LabeledDraw, draw_labels, load_mnist, to_unit
-from fewshot.device import configure_threads, pick_device, seed_everything
+from fewshot.device import configure_threads, pick_device, place, seed_everything
 from fewshot.errors import UserError
 from fewshot.evaluate import confusion_matrix, predict_logits, predict_tta, topk_accuracy
 from fewshot.models import CLASSIFIERS, build_classifier
@@ -108,7 +108,7 @@ def run_baseline(cfg: BaselineConfig, checkpoint_dir: str | Path | None = None) 
     augment_fn = aug.OnlineAffine(spec) if cfg.augment == "online" else None
     if cfg.augment == "offline":
         x_train, y_train = aug.offline_expand(x_train, y_train, generator)
-    model = build_classifier(cfg.model).to(device)
+    model = place(build_classifier(cfg.model), device)
     run_name = cfg.run_name or f"baseline-{cfg.model}-seed{cfg.seed}"
     tags = {"job": "baseline", "model": cfg.model, "seed": cfg.seed}
     started = time.perf_counter()
@@ -165,7 +165,7 @@ def refit_on_all_labels(
     x, y = everything.x_train, everything.y_train
     if cfg.augment == "offline":
         x, y = aug.offline_expand(x, y, generator)
-    model = build_classifier(cfg.model).to(x.device)
+    model = place(build_classifier(cfg.model), x.device)
     refit_cfg = replace(cfg.fit, epochs=epochs, patience=0)
     fit(model, (x, y), None, refit_cfg, generator, augment=augment_fn, on_epoch=tracker.epoch_logger("refit_"))
     return model

@@ -7,12 +7,20 @@ import random
 
 import numpy as np
 import torch
+from torch import nn
 
 
 def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
+
+
+def place(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """``model`` moved to ``device`` (in place) with its convolution weights channels-last: on
+    1x28x28 digits the CPU convolutions then run about 2x faster in inference and a quarter to a
+    third faster in training (README, *Measured figures*); the outputs agree to 1e-7."""
+    return model.to(device=device, memory_format=torch.channels_last)
 
 
 def configure_threads() -> None:

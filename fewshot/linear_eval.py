@@ -126,7 +126,7 @@ def _embedding_features(result: ProbeResult, features: FeatureSet, x_test: torch
     """Test features of the encoder the classifier uses (the fine-tuned one after fine-tuning)."""
     if result.frozen:
         return features.test
-    return torch.cat([encode(result.classifier.encoder, x_test[i : i + 1000]) for i in range(0, x_test.shape[0], 1000)])
+    return encode(result.classifier.encoder, x_test)
 
 
 def run_linear_eval(cfg: LinearEvalConfig) -> dict:

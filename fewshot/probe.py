@@ -21,7 +21,8 @@ from torch import nn
 
 from fewshot import augment as aug
 from fewshot.data import MNIST, NUM_CLASSES, LabeledDraw, to_unit
-from fewshot.evaluate import extract_features, knn_scores, predict_logits, predict_tta
+from fewshot.device import place
+from fewshot.evaluate import EVAL_BATCH, extract_features, knn_scores, predict_logits, predict_tta
 from fewshot.models import EncoderClassifier
 from fewshot.train import Augment, EpochCallback, FitConfig, FitResult, fit
 
@@ -64,7 +65,7 @@ class FeatureSet:
 
 
 @torch.no_grad()
-def encode(encoder: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+def encode(encoder: nn.Module, images: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
     """Features of [0, 1] images (N, 1, 28, 28) with the encoder in eval mode."""
     encoder.eval()
     return extract_features(encoder, images, batch_size)
@@ -76,7 +77,7 @@ def cached_features(
 ) -> FeatureSet:
     """Features of the 75 train, 25 validation and 10,000 test images, computed once."""
     started = time.perf_counter()
-    encoder = encoder.to(device).eval()
+    encoder = place(encoder, device).eval()
 
     def features_of(images: torch.Tensor) -> torch.Tensor:
         return torch.cat(

@@ -34,10 +34,10 @@ from tqdm.auto import tqdm
 from fewshot import augment as aug
 from fewshot.checkpoints import check_same_settings, load_checked, resolve_resume, save_atomic
 from fewshot.data import MNIST, NUM_CLASSES, LabeledDraw, to_unit
-from fewshot.device import pick_device
+from fewshot.device import pick_device, place
 from fewshot.encoder_source import DEFAULT_ENCODER
 from fewshot.errors import TrainingDiverged, UserError
-from fewshot.evaluate import predict_logits
+from fewshot.evaluate import predict_logits, predict_tta
 from fewshot.interrupts import StopAtStepBoundary
 from fewshot.models import ENCODERS, DigitEncoder, EncoderClassifier, ResNetEncoder, build_encoder
 
@@ -93,6 +93,7 @@ class SemisupConfig:
     head_warmup: bool = True  # pretrained init: start from a linear head fitted on the frozen features
     eval_every: int = 100
     eval_test: bool = True  # test top-1 at every evaluation (monitoring; never used to choose)
+    tta_views: int = 8  # final test scores average the image and this many mildly warped copies (as the CNN's)
     seed: int = 0
     data_dir: str | None = None
     labels_per_class: int | None = 10
@@ -140,6 +141,7 @@ class SemisupConfig:
         need(0 <= self.bar <= 1, f"--bar {self.bar}: must be between 0 and 1 (a share of the views)")
         need(0 <= self.weak_strength <= 3, f"--weak-strength {self.weak_strength}: must be between 0 and 3")
         need(self.eval_every >= 1, f"--eval-every {self.eval_every}: must be >= 1 step")
+        need(0 <= self.tta_views <= 64, f"--tta-views {self.tta_views}: must be between 0 (off) and 64")
 
     def strong_spec(self) -> aug.ViewSpec:
         return replace(STRONG_PRESETS[self.strong].scaled(self.strong_strength), bar_probability=self.bar)
@@ -353,7 +355,7 @@ def build_model(cfg: SemisupConfig, encoder: nn.Module | None, device: torch.dev
         encoder = copy.deepcopy(encoder)
     for parameter in encoder.parameters():
         parameter.requires_grad_(True)
-    return EncoderClassifier(encoder).to(device)
+    return place(EncoderClassifier(encoder), device)
 
 
 def warm_start_head(model: EncoderClassifier, data: SemisupData, seed: int) -> None:
@@ -645,6 +647,16 @@ def train_semisup(
     return SemisupResult(final, model, history, step, seconds, last_confusion if with_labels else None)
 
 
+def final_test_scores(model: nn.Module, x: torch.Tensor, cfg: SemisupConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the scores reported, the model's own single-view logits): with ``cfg.tta_views`` the reported
+    scores average mildly warped copies of each image (seeded by ``cfg.seed``), as the CNN baseline's."""
+    plain = predict_logits(model, x)
+    if not cfg.tta_views:
+        return plain, plain
+    generator = torch.Generator(device=x.device).manual_seed(cfg.seed)
+    return predict_tta(model, x, cfg.tta_views, generator, plain), plain
+
+
 def encoder_arch(encoder: nn.Module) -> tuple[str, int]:
     """(arch, width) that ``build_encoder`` needs to rebuild ``encoder``."""
     if isinstance(encoder, DigitEncoder):
@@ -832,7 +844,10 @@ def run_semisup(
         classifier = result.model
         title = f"semi-supervised ({init_tag(cfg)} init), seed {cfg.seed}"
         val_logits = predict_logits(classifier, data.x_val)
-        test_logits = predict_logits(classifier, data.x_test)
+        test_logits, plain_logits = final_test_scores(classifier, data.x_test, cfg)
+        single_view: dict[str, float] = {}  # with TTA, the classifier's own single-view figure beside
+        if cfg.tta_views:
+            single_view["test_plain_top1"] = topk_accuracy(plain_logits, data.y_test)[1]
         val_topk = topk_accuracy(val_logits, data.y_val)
         test_topk = topk_accuracy(test_logits, data.y_test)
         tracker.log_evaluation("val", val_topk, confusion_matrix(data.y_val.cpu(), val_logits.argmax(1).cpu()),
@@ -852,6 +867,7 @@ def run_semisup(
             # training time of earlier sessions (from the checkpoint) plus all of this one
             "wall_seconds": (state or {}).get("train_seconds", 0.0) + time.perf_counter() - started,
             "final_mask_rate": final.get("mask_rate", float("nan")),
+            **single_view,
         }
         if "pseudo_acc" in final:
             summary["final_pseudo_acc"] = final["pseudo_acc"]

@@ -22,6 +22,7 @@ from torch import nn
 
 from fewshot.augment import AffineSpec, OnlineAffine
 from fewshot.data import MNIST, LabeledDraw
+from fewshot.device import place
 from fewshot.evaluate import topk_accuracy
 from fewshot.hpo.config import Budget, HpoConfig
 from fewshot.hpo.folds import LabeledSet, Split, make_splits
@@ -114,7 +115,7 @@ class LinearTarget:
         self.folds = cfg.folds
         self.measure = _measure(cfg.folds)
         self.encoder, self.source = resolve_encoder(cfg.encoder)
-        self.encoder = with_feature_grid(self.encoder, DEFAULT_FEATURE_GRID).to(data.device).eval()
+        self.encoder = place(with_feature_grid(self.encoder, DEFAULT_FEATURE_GRID), data.device).eval()
         started = time.perf_counter()
         self.features = encode(self.encoder, data.labeled.x)  # the labeled images only, once
         self.feature_seconds = time.perf_counter() - started
@@ -220,7 +221,7 @@ class BaselineTarget(TrainedClassifierTarget):
     def _train(self, params: dict[str, Any], train, val, seed: int) -> nn.Module:
         with _INIT_LOCK:
             torch.manual_seed(seed)
-            model = build_classifier("cnn").to(self.data.device)
+            model = place(build_classifier("cnn"), self.data.device)
         cfg = FitConfig(optimizer="adamw", lr=params["lr"], weight_decay=params["weight_decay"], batch_size=75,
                         epochs=self.data.budget.epochs or 150, progress=False)  # fmt: skip
         strength = params["augment_strength"]
@@ -305,7 +306,7 @@ class MocoTarget:
             report(epoch, metrics["knn_val_acc"])
 
         result = pretrain(cfg, self.data.mnist, self.data.draw, on_epoch=on_epoch)
-        encoder = result.encoder.to(self.data.device).eval()
+        encoder = place(result.encoder, self.data.device).eval()
         value = selection_score(encoder, self._labeled(), cfg.knn_k, cfg.knn_t)
         spec = {"kind": "encoder", "arch": cfg.arch, "width": cfg.width, "feature_dim": result.encoder.feature_dim}
         metrics = {"epochs": cfg.epochs, "steps": result.steps, "pretrain_seconds": result.wall_seconds}
