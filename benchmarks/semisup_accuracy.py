@@ -79,10 +79,16 @@ def markdown_table(rows: list[dict], cfg: SemisupConfig, source_text: str) -> st
         minutes = statistics.mean(float(r["minutes"]) for r in found.values())
         values = [float(r["test_top1"]) for r in found.values()]
         lines.append(f"| {label} | {_mean_std(values)} | {cells} | {minutes:.1f} |")
+        single = {d: r["test_plain_top1"] for d, r in found.items() if r.get("test_plain_top1") not in (None, "")}
+        if cfg.tta_views and single:  # rows written before TTA have no single-view figure
+            cells = " | ".join(f"{100 * float(single[d]):.2f}" if d in single else "" for d in draws)
+            values = [float(v) for v in single.values()]
+            lines.append(f"| the same models, single view (no TTA) | {_mean_std(values)} | {cells} | |")
     notes = ["", f"Settings: {source_text}; {cfg.steps} steps of {cfg.batch_size} labeled + "
              f"{cfg.unlabeled_batch} unlabeled images, tau {cfg.tau}, lambda_u {cfg.lambda_u}, threshold "
              f"{cfg.threshold}, distribution alignment {cfg.dist_align}, targets {cfg.targets}, EMA {cfg.ema}, "
-             f"strong {cfg.strong} x{cfg.strong_strength}, crossbar {cfg.bar}, lr {cfg.lr} ({cfg.optimizer})."]  # fmt: skip
+             f"strong {cfg.strong} x{cfg.strong_strength}, crossbar {cfg.bar}, lr {cfg.lr} ({cfg.optimizer}), "
+             f"test scores over the image and {cfg.tta_views} warped copies."]  # fmt: skip
     paired = sorted(set(by_init["moco"]) & set(by_init[RANDOM_INIT]))
     if paired:
         gains = [float(by_init["moco"][d]["test_top1"]) - float(by_init[RANDOM_INIT][d]["test_top1"]) for d in paired]

@@ -44,7 +44,7 @@ DEFAULT = Profile(
     hpo_folds=5,
     # 100 steps of 32 labeled + 224 unlabeled images on the width-32 MoCo encoder: under a minute of
     # training per draw on 2 cores, to fit the 30-minute budget (the `semisup` entry point's default
-    # is 500 steps)
+    # is 1000 steps)
     semisup=SemisupConfig(steps=100, eval_every=50),
 )
 QUICK = Profile(

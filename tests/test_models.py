@@ -1,6 +1,9 @@
+import copy
+
 import pytest
 import torch
 
+from fewshot.device import place
 from fewshot.errors import UserError
 from fewshot.models import ReportCNN, build_classifier, build_encoder, with_feature_grid
 
@@ -55,3 +58,21 @@ def test_a_feature_grid_widens_the_pooled_features_with_the_same_weights(arch: s
         with_feature_grid(gridded, 2)
     with pytest.raises(UserError, match="--feature-grid"):
         with_feature_grid(torch.nn.Linear(3, 3), 2)
+
+
+@pytest.mark.parametrize("name", ["cnn", "mlp1"])
+def test_place_makes_convolutions_channels_last_without_changing_outputs(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_classifier(name).eval()
+    plain = copy.deepcopy(model)
+    assert place(model, "cpu") is model, "moved in place, as nn.Module.to"
+    for parameter in model.parameters():
+        if parameter.dim() == 4:
+            assert parameter.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(16, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(model(x), plain(x), atol=1e-5)
+        # its weights load into a model built the usual way, with the same outputs
+        rebuilt = build_classifier(name).eval()
+        rebuilt.load_state_dict(model.state_dict())
+        assert torch.allclose(rebuilt(x), plain(x), atol=1e-5)

@@ -16,8 +16,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from fewshot import augment as aug
 from fewshot import report
 from fewshot.baseline import labeled_tensors
-from fewshot.data import draw_labels, load_mnist
+from fewshot.data import draw_labels, load_mnist, to_unit
 from fewshot.errors import UserError
+from fewshot.evaluate import predict_logits, topk_accuracy
 from fewshot.models import EncoderClassifier, build_encoder
 from fewshot.probe import ProbeContext, ProbeSettings, cached_features, run_probe
 from fewshot.semisup import (
@@ -25,6 +26,7 @@ from fewshot.semisup import (
     PseudoLabeler,
     SemisupConfig,
     consistency_loss,
+    final_test_scores,
     load_checkpoint,
     prepare_model,
     pseudo_labels,
@@ -268,7 +270,7 @@ def test_semisup_is_a_probe_that_leaves_the_loaded_encoder_alone(mnist, draw) ->
 
 
 def test_tracked_run_logs_registers_and_resumes_in_the_same_run(
-    synthetic_data_dir: Path, tracking_store: str, tmp_path: Path
+    synthetic_data_dir: Path, tracking_store: str, tmp_path: Path, mnist
 ) -> None:
     checkpoint = write_checkpoint(tmp_path / "moco.pt", tiny_encoder(seed=2))
     cfg = tiny(init=str(checkpoint), data_dir=str(synthetic_data_dir))
@@ -304,6 +306,13 @@ def test_tracked_run_logs_registers_and_resumes_in_the_same_run(
     assert version.run_id == out["run_id"] and out["alias"] == "champion"
     loaded = mlflow.pytorch.load_model(f"models:/fewshot-classifier/{version.version}")
     assert loaded(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    # test top-1 is the 8-view TTA score of the registered classifier, its single view logged beside
+    x_test = to_unit(mnist.test_images, "cpu")
+    single_view = topk_accuracy(predict_logits(loaded, x_test), mnist.test_labels)[1]
+    with_tta = topk_accuracy(final_test_scores(loaded, x_test, cfg)[0], mnist.test_labels)[1]
+    assert run.data.params["tta_views"] == "8"
+    assert metrics["test_plain_top1"] == pytest.approx(single_view, abs=1e-9)
+    assert metrics["test_top1"] == pytest.approx(with_tta, abs=1e-9)
 
 
 def test_a_run_stopped_after_its_final_checkpoint_only_redoes_the_logging(

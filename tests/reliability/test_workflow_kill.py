@@ -45,3 +45,8 @@ def test_main_killed_midway_reuses_finished_steps_on_rerun(synthetic_data_dir: P
     assert statuses[killed] == "KILLED"
     assert not running(store), running(store)
     assert (tmp_path / "results.md").is_file()
+    # the profile's probe settings: the linear head under the strong view, kNN on plain features
+    augment = {r.data.tags[STEP_TAG]: r.data.params.get("augment") for r in all_runs(store)
+               if r.data.tags.get(STEP_TAG, "").startswith("linear_eval-") and r.info.status == "FINISHED"}  # fmt: skip
+    assert augment == {"linear_eval-linear-draw0": "strong", "linear_eval-knn-draw0": "none",
+                       "linear_eval-finetune-draw0": "strong"}  # fmt: skip
