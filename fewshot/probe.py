@@ -35,7 +35,7 @@ from fewshot.semisup import SemisupConfig, prepare_model, semisup_data, train_se
 from fewshot.train import Augment, EpochCallback, FitConfig, FitResult, fit
 
 # the frozen probes read the encoder's last map average-pooled to 2x2 (512 values at width 32)
-# rather than 1x1: +0.6 points linear, +2.0 kNN on the CPU default encoder (README, probes)
+# rather than 1x1: +0.6 points linear, +2.0 kNN on the CPU default encoder (docs/benchmarks.md, read-out ablation)
 DEFAULT_FEATURE_GRID = 2
 
 

@@ -38,7 +38,7 @@ DEFAULT = Profile(
     moco=PretrainConfig(),
     # the head trained on the frozen encoder's features of freshly augmented images (the strong digit
     # view): +0.5 points over cached features of the plain images, at 300 epochs as good as 1000
-    # (README, probes)
+    # (docs/benchmarks.md, the linear head under augmentation)
     linear_epochs=300,
     linear_augment="strong",
     finetune_epochs=150,

@@ -40,7 +40,7 @@ class SemisupConfig:
     init: str = DEFAULT_ENCODER  # a MoCo encoder (models:/..., runs:/..., checkpoint) or "random"
     arch: str = "digit"  # random init only; a pretrained encoder brings its own
     width: int = 32
-    steps: int = 1000  # 500 against 1000 steps over 5 draws: README, semi-supervised
+    steps: int = 1000  # 500 against 1000 steps over 5 draws: docs/benchmarks.md, semi-supervised
     epochs: float = 0.0  # > 0: passes over the unlabeled pool instead of --steps
     batch_size: int = 32  # labeled images per step (drawn with replacement from the train split)
     mu: int = 7  # unlabeled images per step = mu * batch_size
