@@ -37,7 +37,7 @@ from fewshot.models import with_feature_grid  # noqa: E402
 from fewshot.pretrain import PretrainConfig, pretrain  # noqa: E402
 
 C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
-SUPERVISED_CNN_MEAN = 0.943  # DESIGN.md: the report's CNN with batched affine, draws 0-2
+SUPERVISED_CNN_MEAN = 0.943  # the report's CNN with batched affine, draws 0-2 (benchmarks/baselines.py --draws 3)
 
 
 def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, seed: int = 0, normalize: bool = False):

@@ -25,13 +25,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fewshot import augment as aug  # noqa: E402
-from fewshot.baseline import labeled_tensors  # noqa: E402
-from fewshot.data import draw_labels, load_mnist  # noqa: E402
+from fewshot.data import draw_labels, labeled_tensors, load_mnist  # noqa: E402
 from fewshot.device import configure_threads, pick_device, seed_everything  # noqa: E402
 from fewshot.encoder_source import DEFAULT_ENCODER, resolve_encoder  # noqa: E402
 from fewshot.evaluate import predict_logits, topk_accuracy  # noqa: E402
+from fewshot.linear_head import cached_features  # noqa: E402
 from fewshot.models import build_classifier, with_feature_grid  # noqa: E402
-from fewshot.probe import ProbeContext, ProbeSettings, cached_features, run_probe  # noqa: E402
+from fewshot.probe import ProbeContext, ProbeSettings, run_probe  # noqa: E402
 from fewshot.train import FitConfig, fit  # noqa: E402
 
 PROBE_LABELS = {"linear": "MoCo + linear probe", "knn": "MoCo + weighted kNN", "finetune": "MoCo + fine-tuning"}

@@ -9,7 +9,8 @@ import torch.distributed as dist
 
 from fewshot.cli import FewshotCommand, common_options, draw_options
 from fewshot.models import ENCODERS
-from fewshot.pretrain import M_SCHEDULES, VIEW_PRESETS, PretrainConfig, run_pretrain
+from fewshot.pretrain import M_SCHEDULES, VIEW_PRESETS, PretrainConfig
+from fewshot.pretrain.job import run_pretrain
 
 DEFAULTS = PretrainConfig()
 

@@ -9,7 +9,8 @@ import click
 
 from fewshot.cli import FewshotCommand, _empty_to_none, _existing_dir, draw_options
 from fewshot.models import ENCODERS
-from fewshot.semisup import OPTIMIZERS, STRONG_PRESETS, TARGET_MODELS, THRESHOLDS, SemisupConfig, run_semisup
+from fewshot.semisup import OPTIMIZERS, STRONG_PRESETS, TARGET_MODELS, THRESHOLDS, SemisupConfig
+from fewshot.semisup.job import run_semisup
 
 D = SemisupConfig()
 

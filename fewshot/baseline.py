@@ -1,21 +1,23 @@
-"""The supervised baselines on the labeled draw: the report's MLP1, MLP2 and CNN."""
+"""The supervised baselines on the labeled draw (the report's MLP1, MLP2 and CNN) as one tracked job."""
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from fewshot import augment as aug
 from fewshot import plots, tracking
-from fewshot.data import MNIST, LabeledDraw, draw_labels, load_mnist, to_unit
+from fewshot.data import LabeledTensors, draw_labels, labeled_tensors, load_mnist
 from fewshot.device import configure_threads, pick_device, place, seed_everything
 from fewshot.errors import UserError
-from fewshot.evaluate import confusion_matrix, predict_logits, predict_tta, topk_accuracy
+from fewshot.evaluate import evaluate_split
 from fewshot.models import CLASSIFIERS, build_classifier
-from fewshot.train import FitConfig, fit
+from fewshot.train import FitConfig, fit, flat_params
 
 
 @dataclass
@@ -45,53 +47,13 @@ class BaselineConfig:
         self.fit.validate()
 
     def params(self) -> dict:
-        flat = {k: v for k, v in asdict(self).items() if k != "fit"}
-        flat.update(asdict(self.fit))
-        flat.pop("progress")
-        return flat
-
-
-@dataclass
-class LabeledTensors:
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-
-    def all_labels(self) -> LabeledTensors:
-        """Train and validation images together as the training set (for a refit); no validation left."""
-        x, y = torch.cat([self.x_train, self.x_val]), torch.cat([self.y_train, self.y_val])
-        return replace(self, x_train=x, y_train=y, x_val=x[:0], y_val=y[:0])
-
-
-def labeled_tensors(mnist: MNIST, draw: LabeledDraw, device: torch.device) -> LabeledTensors:
-    return LabeledTensors(
-        x_train=to_unit(mnist.train_images[draw.train_idx], device),
-        y_train=mnist.train_labels[draw.train_idx].to(device),
-        x_val=to_unit(mnist.train_images[draw.val_idx], device),
-        y_val=mnist.train_labels[draw.val_idx].to(device),
-        x_test=to_unit(mnist.test_images, device),
-        y_test=mnist.test_labels.to(device),
-    )
+        return flat_params(self)
 
 
 def augmentation_grid(x: torch.Tensor, augment_fn, generator: torch.Generator, title: str):
     originals = x[:8]
     rows = [originals] + [augment_fn(originals, generator) for _ in range(4)]
     return plots.image_grid_figure(rows, ["original"] + [f"augmented #{i + 1}" for i in range(4)], title)
-
-
-def evaluate_split(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, tta_views: int = 0, seed: int = 0
-) -> tuple[dict[int, float], torch.Tensor]:
-    """Top-k and confusion matrix; with ``tta_views``, of the test-time-augmented predictions."""
-    if tta_views:
-        logits = predict_tta(model, x, tta_views, torch.Generator(x.device).manual_seed(seed))
-    else:
-        logits = predict_logits(model, x)
-    return topk_accuracy(logits, y), confusion_matrix(y.cpu(), logits.argmax(1).cpu())
 
 
 def run_baseline(cfg: BaselineConfig, checkpoint_dir: str | Path | None = None) -> dict[str, float]:
@@ -177,9 +139,6 @@ def random_report_transform(x: torch.Tensor, generator: torch.Generator) -> torc
 
 
 def _scratch(folder: str | Path | None):
-    import contextlib
-    import tempfile
-
     if folder is not None:
         Path(folder).mkdir(parents=True, exist_ok=True)
         return contextlib.nullcontext(str(folder))

@@ -78,7 +78,7 @@ def resolve_resume(
 
 
 def _logging_unfinished(state: dict[str, Any]) -> bool:
-    from fewshot import tracking
+    from fewshot import tracking  # here, not at the top: reading a checkpoint must not load MLflow
 
     run_id = state.get("mlflow_run_id")
     if run_id is None:

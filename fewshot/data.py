@@ -1,4 +1,4 @@
-"""MNIST as uint8 tensors in memory, and the seeded 100-label draw.
+"""MNIST as uint8 tensors in memory, the seeded 100-label draw, and its labeled images as tensors.
 
 Source order: an explicit folder (``--data-dir`` or ``FEWSHOT_DATA_DIR``) holding
 the four IDX files, gzip-compressed or not; else ``./data`` through torchvision's
@@ -11,7 +11,7 @@ import gzip
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -262,3 +262,35 @@ def to_unit(images: torch.Tensor, device: torch.device | str | None = None) -> t
     """
     x = images.to(device) if device is not None else images
     return (x.float() / 255.0).unsqueeze(1)
+
+
+@dataclass
+class LabeledTensors:
+    """A draw's labeled images as [0, 1] tensors on one device: the 75/25 train/validation split and
+    the test set (None when left out). The one container every job and probe reads labels from."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor | None = None
+    y_test: torch.Tensor | None = None
+
+    def all_labels(self) -> LabeledTensors:
+        """Train and validation images together as the training set (for a refit); no validation left."""
+        x, y = torch.cat([self.x_train, self.x_val]), torch.cat([self.y_train, self.y_val])
+        return replace(self, x_train=x, y_train=y, x_val=x[:0], y_val=y[:0])
+
+
+def labeled_tensors(
+    mnist: MNIST, draw: LabeledDraw, device: torch.device | str, with_test: bool = True
+) -> LabeledTensors:
+    """The draw's labeled split on ``device``, with the test set unless ``with_test`` is false."""
+    return LabeledTensors(
+        x_train=to_unit(mnist.train_images[draw.train_idx], device),
+        y_train=mnist.train_labels[draw.train_idx].to(device),
+        x_val=to_unit(mnist.train_images[draw.val_idx], device),
+        y_val=mnist.train_labels[draw.val_idx].to(device),
+        x_test=to_unit(mnist.test_images, device) if with_test else None,
+        y_test=mnist.test_labels.to(device) if with_test else None,
+    )

@@ -20,10 +20,8 @@ from torch import nn
 
 from fewshot.errors import UserError
 from fewshot.models import ENCODERS, build_encoder
+from fewshot.names import DEFAULT_ENCODER, MOCO_CHECKPOINT_FORMAT, MOCO_CHECKPOINT_VERSION
 
-DEFAULT_ENCODER = "models:/fewshot-moco-encoder@champion"
-CHECKPOINT_FORMAT = "fewshot-moco-checkpoint"
-CHECKPOINT_VERSION = 1
 ENCODER_KINDS = ("encoder", "encoder_classifier")  # spec kinds whose weights hold an encoder
 
 
@@ -191,12 +189,12 @@ def load_checkpoint(path: Path, option: str = "--encoder") -> tuple[nn.Module, E
             "or the path of a moco_pretrain checkpoint"
         )
     payload = _load_tensors(path, label)
-    not_ours = f"{label}: not a fewshot MoCo checkpoint (no 'format': '{CHECKPOINT_FORMAT}'); pass a file written by moco_pretrain"
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+    not_ours = f"{label}: not a fewshot MoCo checkpoint (no 'format': '{MOCO_CHECKPOINT_FORMAT}'); pass a file written by moco_pretrain"
+    if not isinstance(payload, dict) or payload.get("format") != MOCO_CHECKPOINT_FORMAT:
         raise UserError(not_ours)
-    if payload.get("version") != CHECKPOINT_VERSION:
+    if payload.get("version") != MOCO_CHECKPOINT_VERSION:
         raise UserError(
-            f"{label}: checkpoint format version {payload.get('version')!r}; this fewshot reads version {CHECKPOINT_VERSION}"
+            f"{label}: checkpoint format version {payload.get('version')!r}; this fewshot reads version {MOCO_CHECKPOINT_VERSION}"
         )
     spec, state = payload.get("encoder_spec"), payload.get("encoder_state")
     if not isinstance(spec, dict) or spec.get("arch") not in ENCODERS or not isinstance(state, dict):

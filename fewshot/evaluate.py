@@ -1,11 +1,16 @@
-"""Top-k accuracy, confusion matrices, feature extraction and the weighted kNN probe."""
+"""Scoring a model: inference in eval mode, test-time augmentation, top-k accuracy, confusion
+matrices, feature extraction and the weighted kNN vote."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewshot.augment import TTA_SPEC, random_affine
 from fewshot.data import NUM_CLASSES
 
 
@@ -30,6 +35,18 @@ def topk_accuracy(
 EVAL_BATCH = 256
 
 
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode inside the block, back in the mode it had (train or eval) after it:
+    scoring in the middle of training must not leave batch-norm or dropout switched."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
     model.eval()
@@ -43,8 +60,6 @@ def predict_tta(
     """Test-time augmentation: the log of the mean softmax over ``x`` and ``views`` mildly warped
     copies of it (the default affine at half strength), usable wherever logits are. ``plain``: the
     model's logits on ``x`` when the caller already has them (saves one pass)."""
-    from fewshot.augment import TTA_SPEC, random_affine
-
     probs = (predict_logits(model, x) if plain is None else plain).softmax(1)
     for _ in range(views):
         probs += predict_logits(model, random_affine(x, TTA_SPEC, generator)).softmax(1)
@@ -54,6 +69,17 @@ def predict_tta(
 @torch.no_grad()
 def extract_features(encoder: nn.Module, x: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
     return predict_logits(encoder, x, batch_size)
+
+
+def evaluate_split(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, tta_views: int = 0, seed: int = 0
+) -> tuple[dict[int, float], torch.Tensor]:
+    """Top-k and confusion matrix; with ``tta_views``, of the test-time-augmented predictions."""
+    if tta_views:
+        logits = predict_tta(model, x, tta_views, torch.Generator(x.device).manual_seed(seed))
+    else:
+        logits = predict_logits(model, x)
+    return topk_accuracy(logits, y), confusion_matrix(y.cpu(), logits.argmax(1).cpu())
 
 
 def confusion_matrix(targets: torch.Tensor, predictions: torch.Tensor, n_classes: int = NUM_CLASSES) -> torch.Tensor:

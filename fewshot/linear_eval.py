@@ -3,32 +3,22 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
 from fewshot import plots, tracking
-from fewshot.baseline import LabeledTensors, labeled_tensors
-from fewshot.data import NUM_CLASSES, draw_labels, load_mnist
+from fewshot.data import NUM_CLASSES, LabeledTensors, draw_labels, labeled_tensors, load_mnist
 from fewshot.device import configure_threads, pick_device, seed_everything
 from fewshot.embedding import METHODS as EMBEDDINGS
 from fewshot.embedding import embedding_figure
 from fewshot.encoder_source import DEFAULT_ENCODER, EncoderSource, resolve_encoder
 from fewshot.errors import UserError
 from fewshot.evaluate import confusion_matrix, predict_logits, topk_accuracy
+from fewshot.linear_head import FeatureSet, cached_features, encode
 from fewshot.models import with_feature_grid
-from fewshot.probe import (
-    DEFAULT_FEATURE_GRID,
-    PROBES,
-    FeatureSet,
-    ProbeContext,
-    ProbeResult,
-    ProbeSettings,
-    cached_features,
-    encode,
-    run_probe,
-)
-from fewshot.train import FitConfig
+from fewshot.probe import DEFAULT_FEATURE_GRID, PROBES, ProbeContext, ProbeResult, ProbeSettings, run_probe
+from fewshot.train import FitConfig, flat_params
 
 # online: a mild random affine; strong: augment.STRONG_DIGITS with crossbars; auto: none for linear and kNN,
 # strong for fine-tuning
@@ -109,9 +99,7 @@ class LinearEvalConfig:
         return 1 if self.probe == "semisup" else self.feature_grid
 
     def params(self) -> dict:
-        flat = {k: v for k, v in asdict(self).items() if k != "fit"}
-        flat.update(asdict(self.fit))
-        flat.pop("progress")
+        flat = flat_params(self)
         flat["augment"] = self.augmentation
         flat["feature_grid"] = self.grid
         return flat

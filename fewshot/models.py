@@ -21,39 +21,34 @@ class Normalize(nn.Module):
         return (x - MNIST_MEAN) / MNIST_STD
 
 
-class MLP1(nn.Module):
-    """784-512-128-64-10, ReLU then batch-norm after each hidden layer (as the report)."""
+class MLP(nn.Module):
+    """784 pixels, then for each hidden width: linear, ReLU, batch-norm (as the report), then the classes."""
 
-    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+    def __init__(self, hidden: tuple[int, ...], num_classes: int = NUM_CLASSES) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            Normalize(),
-            nn.Flatten(),
-            nn.Linear(784, 512), nn.ReLU(), nn.BatchNorm1d(512),
-            nn.Linear(512, 128), nn.ReLU(), nn.BatchNorm1d(128),
-            nn.Linear(128, 64), nn.ReLU(), nn.BatchNorm1d(64),
-            nn.Linear(64, num_classes),
-        )  # fmt: skip
+        layers: list[nn.Module] = [Normalize(), nn.Flatten()]
+        width = 784
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU(), nn.BatchNorm1d(size)]
+            width = size
+        self.net = nn.Sequential(*layers, nn.Linear(width, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
-class MLP2(nn.Module):
-    """784-128-64-10, ReLU then batch-norm after each hidden layer (as the report)."""
+class MLP1(MLP):
+    """784-512-128-64-10 (the report's MLP1)."""
 
     def __init__(self, num_classes: int = NUM_CLASSES) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            Normalize(),
-            nn.Flatten(),
-            nn.Linear(784, 128), nn.ReLU(), nn.BatchNorm1d(128),
-            nn.Linear(128, 64), nn.ReLU(), nn.BatchNorm1d(64),
-            nn.Linear(64, num_classes),
-        )  # fmt: skip
+        super().__init__((512, 128, 64), num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+
+class MLP2(MLP):
+    """784-128-64-10 (the report's MLP2)."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__((128, 64), num_classes)
 
 
 def _conv_bn_relu_pool(c_in: int, c_out: int, padding: int | str) -> nn.Sequential:

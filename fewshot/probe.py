@@ -1,102 +1,46 @@
-"""Downstream probes of a pretrained encoder on the labeled draw: linear, kNN, fine-tuning.
+"""Downstream probes of a pretrained encoder on the labeled draw: linear, kNN, fine-tuning, semi-supervised.
 
-Each probe is a function ``ProbeContext -> ProbeResult`` in ``PROBES``; a new probe (say one
-that also uses the unlabeled pool, reachable through ``ctx.mnist`` and ``ctx.draw``) is one
-more entry. The linear protocol follows MoCo's: every encoder parameter frozen, batch-norm in
-eval mode, a linear head on the pooled features, and a check afterwards that the frozen
-weights are bit-identical to those loaded.
+Each probe is a function ``ProbeContext -> ProbeResult`` in ``PROBES``; a new probe is one more
+function and one more entry (``semisup_probe``, at the end, shows one that also uses the
+unlabeled pool through ``ctx.mnist`` and ``ctx.draw``). The linear protocol follows MoCo's: every
+encoder parameter frozen, batch-norm in eval mode, a linear head on the pooled features
+(``fewshot.linear_head``), and a check afterwards that the frozen weights are bit-identical to
+those loaded.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from fewshot import augment as aug
-from fewshot.data import MNIST, NUM_CLASSES, LabeledDraw, to_unit
-from fewshot.device import place
-from fewshot.evaluate import EVAL_BATCH, extract_features, knn_scores, predict_logits, predict_tta
+from fewshot.data import MNIST, LabeledDraw, LabeledTensors
+from fewshot.errors import UserError
+from fewshot.evaluate import knn_scores, predict_logits, predict_tta
+from fewshot.linear_head import (  # L2Normalize, Standardize: pickled heads logged by earlier versions name them here
+    FeatureSet,
+    L2Normalize,  # noqa: F401
+    Standardize,  # noqa: F401
+    held_out,
+    train_linear_head,
+    train_linear_head_augmented,
+)
 from fewshot.models import EncoderClassifier
+from fewshot.semisup import SemisupConfig, prepare_model, semisup_data, train_semisup
 from fewshot.train import Augment, EpochCallback, FitConfig, FitResult, fit
 
-if TYPE_CHECKING:  # a plain dataclass; importing fewshot.baseline would pull in mlflow
-    from fewshot.baseline import LabeledTensors
-
-
 # the frozen probes read the encoder's last map average-pooled to 2x2 (512 values at width 32)
-# rather than 1x1: +0.6 points linear, +2.0 kNN on the CPU default encoder (README, probes)
+# rather than 1x1: +0.6 points linear, +2.0 kNN on the CPU default encoder (docs/benchmarks.md, read-out ablation)
 DEFAULT_FEATURE_GRID = 2
 
 
 class FrozenWeightsChanged(RuntimeError):
     """The frozen encoder's weights or batch-norm statistics moved during a frozen probe (a bug)."""
-
-
-# ---------------------------------------------------------------- features, computed once
-
-
-@dataclass
-class FeatureSet:
-    """Pooled features of the labeled train / validation images and the test set."""
-
-    train: torch.Tensor
-    y_train: torch.Tensor
-    val: torch.Tensor
-    y_val: torch.Tensor
-    test: torch.Tensor
-    y_test: torch.Tensor
-    seconds: float = 0.0
-
-    @property
-    def feature_dim(self) -> int:
-        return self.train.shape[1]
-
-    def all_labels(self) -> FeatureSet:
-        """Train and validation together as the training set (for a refit); no validation left."""
-        train, y_train = torch.cat([self.train, self.val]), torch.cat([self.y_train, self.y_val])
-        return replace(self, train=train, y_train=y_train, val=train[:0], y_val=y_train[:0])
-
-
-@torch.no_grad()
-def encode(encoder: nn.Module, images: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
-    """Features of [0, 1] images (N, 1, 28, 28) with the encoder in eval mode."""
-    encoder.eval()
-    return extract_features(encoder, images, batch_size)
-
-
-@torch.no_grad()
-def cached_features(
-    encoder: nn.Module, mnist: MNIST, draw: LabeledDraw, device: torch.device | str, batch_size: int = 1000
-) -> FeatureSet:
-    """Features of the 75 train, 25 validation and 10,000 test images, computed once."""
-    started = time.perf_counter()
-    encoder = place(encoder, device).eval()
-
-    def features_of(images: torch.Tensor) -> torch.Tensor:
-        return torch.cat(
-            [
-                encode(encoder, to_unit(images[i : i + batch_size], device))
-                for i in range(0, images.shape[0], batch_size)
-            ]
-        )
-
-    result = FeatureSet(
-        train=features_of(mnist.train_images[draw.train_idx]),
-        y_train=mnist.train_labels[draw.train_idx].to(device),
-        val=features_of(mnist.train_images[draw.val_idx]),
-        y_val=mnist.train_labels[draw.val_idx].to(device),
-        test=features_of(mnist.test_images),
-        y_test=mnist.test_labels.to(device),
-    )
-    result.seconds = time.perf_counter() - started
-    return result
 
 
 # ---------------------------------------------------------------- frozen weights
@@ -116,134 +60,6 @@ def check_unchanged(encoder: nn.Module, snapshot: dict[str, torch.Tensor]) -> No
     moved = [name for name, value in snapshot.items() if not torch.equal(state[name], value)]
     if set(state) != set(snapshot) or moved:
         raise FrozenWeightsChanged(f"frozen encoder changed during the probe: {', '.join(moved[:5]) or 'keys differ'}")
-
-
-# ---------------------------------------------------------------- linear head
-
-
-class Standardize(nn.Module):
-    """(x - mean) / std with statistics fixed at construction."""
-
-    def __init__(self, features: torch.Tensor, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.register_buffer("mean", features.mean(dim=0))
-        self.register_buffer("std", features.std(dim=0, unbiased=False).clamp(min=eps))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
-class L2Normalize(nn.Module):
-    """Features scaled to unit length: the sphere MoCo's contrastive loss works on."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.normalize(x, dim=1)
-
-
-def fold(head: nn.Module) -> nn.Module:
-    """``head`` (a Linear, or Standardize + Linear, optionally behind L2Normalize) as one
-    nn.Linear on its input, still behind L2Normalize when it had one."""
-    if isinstance(head, nn.Linear):
-        return head
-    if isinstance(head[0], L2Normalize):
-        return nn.Sequential(head[0], fold(head[1]))
-    standardize, linear = head[0], head[1]
-    folded = nn.Linear(linear.in_features, linear.out_features).to(linear.weight.device)
-    with torch.no_grad():
-        folded.weight.copy_(linear.weight / standardize.std)
-        folded.bias.copy_(linear.bias - (linear.weight * standardize.mean / standardize.std).sum(dim=1))
-    return folded
-
-
-def new_head(
-    features: torch.Tensor, standardize: bool, generator: torch.Generator, normalize: bool = False
-) -> nn.Module:
-    """A zero-bias linear head (seeded init), behind a standardisation fitted on ``features``,
-    both behind an L2 normalisation when ``normalize``."""
-    if normalize:
-        return nn.Sequential(L2Normalize(), new_head(L2Normalize()(features), standardize, generator))
-    linear = nn.Linear(features.shape[1], NUM_CLASSES).to(features.device)
-    with torch.no_grad():
-        bound = 1 / features.shape[1] ** 0.5
-        weight = torch.rand(linear.weight.shape, generator=generator, device=generator.device) * 2 - 1
-        linear.weight.copy_((weight * bound).to(features.device))
-        linear.bias.zero_()
-    return nn.Sequential(Standardize(features), linear) if standardize else linear
-
-
-@contextlib.contextmanager
-def _few_threads(device: torch.device) -> Iterator[None]:
-    """One intra-op thread for the tiny matrices of a linear head on the CPU: threads only add
-    synchronisation there, and on a busy machine they made 1,000 epochs 20x slower (1.2 s vs 24 s)."""
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _held_out(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The validation pair for ``fit``; None (no early stopping) when a refit left none."""
-    return (x, y) if len(x) else None
-
-
-def train_linear_head(
-    features: FeatureSet,
-    cfg: FitConfig,
-    standardize: bool,
-    generator: torch.Generator,
-    on_epoch: EpochCallback | None = None,
-    normalize: bool = False,
-) -> tuple[nn.Module, FitResult]:
-    """Fit a linear head on cached features with the shared loop (early stopping on the
-    validation labels); returns it folded into one nn.Linear on raw (or L2-normalised) features."""
-    head = new_head(features.train, standardize, generator, normalize)
-    with _few_threads(features.train.device):
-        result = fit(head, (features.train, features.y_train), _held_out(features.val, features.y_val), cfg,
-                     generator, on_epoch=on_epoch)  # fmt: skip
-    return fold(head).eval(), result
-
-
-class FrozenEncoderHead(nn.Module):
-    """Frozen encoder (always in eval mode, no gradients) + trainable head, on images."""
-
-    def __init__(self, encoder: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.head = head
-
-    def train(self, mode: bool = True) -> FrozenEncoderHead:
-        super().train(mode)
-        self.encoder.eval()  # batch-norm keeps the pretrained statistics
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            features = self.encoder(x)
-        return self.head(features)
-
-
-def train_linear_head_augmented(
-    encoder: nn.Module,
-    images: LabeledTensors,
-    features: FeatureSet,
-    cfg: FitConfig,
-    standardize: bool,
-    augment_fn: Augment,
-    generator: torch.Generator,
-    on_epoch: EpochCallback | None = None,
-    normalize: bool = False,
-) -> tuple[nn.Module, FitResult]:
-    """The linear head trained on features of freshly augmented labeled images each step."""
-    head = new_head(features.train, standardize, generator, normalize)
-    model = FrozenEncoderHead(encoder, head)
-    result = fit(model, (images.x_train, images.y_train), _held_out(images.x_val, images.y_val), cfg, generator,
-                 augment=augment_fn, on_epoch=on_epoch, params=head.parameters())  # fmt: skip
-    return fold(head).eval(), result
 
 
 # ---------------------------------------------------------------- kNN head
@@ -371,8 +187,6 @@ def finetune_probe(ctx: ProbeContext) -> ProbeResult:
     baseline does both."""
     settings, started = ctx.settings, time.perf_counter()
     if settings.fit.optimizer == "lbfgs":
-        from fewshot.errors import UserError
-
         raise UserError(
             "--optimizer lbfgs: L-BFGS has one learning rate for all parameters; fine-tune with adamw or sgd"
         )
@@ -405,17 +219,30 @@ def _finetune(
         {"params": list(classifier.encoder.parameters()), "lr": cfg.lr * settings.encoder_lr_ratio},
         {"params": list(classifier.head.parameters()), "lr": cfg.lr},
     ]
-    val = _held_out(images.x_val, images.y_val)
+    val = held_out(images.x_val, images.y_val)
     result = fit(classifier, (images.x_train, images.y_train), val, cfg, ctx.generator, augment=_augmentation(settings),
                  on_epoch=on_epoch, params=groups)  # fmt: skip
     return classifier, result
 
 
 def semisup_probe(ctx: ProbeContext) -> ProbeResult:
-    """Semi-supervised fine-tuning with the unlabeled pool (``fewshot.semisup``), ``--epochs`` read as steps."""
-    from fewshot.semisup import semisup_probe as run  # imported late: fewshot.semisup imports this module
-
-    return run(ctx)
+    """Semi-supervised fine-tuning with the unlabeled pool (``fewshot.semisup``) with its defaults,
+    ``--epochs`` read as steps, starting from the probe's encoder (a copy; the loaded one is left untouched)."""
+    if ctx.mnist is None or ctx.draw is None:
+        raise UserError("--probe semisup: needs the unlabeled pool; pass mnist and draw in the probe context")
+    started = time.perf_counter()
+    steps = ctx.settings.fit.epochs
+    cfg = SemisupConfig(
+        init="probe", steps=steps, eval_every=steps, eval_test=False, seed=ctx.draw.seed,
+        progress=ctx.settings.fit.progress,
+    )  # fmt: skip
+    data = semisup_data(ctx.mnist, ctx.draw, ctx.device)
+    model = prepare_model(cfg, data, ctx.encoder)
+    classifier = train_semisup(cfg, data, model).model
+    val_scores = predict_logits(classifier, data.x_val)
+    test_scores = predict_logits(classifier, ctx.images.x_test)
+    seconds = time.perf_counter() - started
+    return ProbeResult(classifier, classifier.head, val_scores, test_scores, None, seconds, frozen=False)
 
 
 PROBES: dict[str, Probe] = {

@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,15 @@ class FitConfig:
             raise UserError(f"--patience {self.patience}: must be >= 0 (0 turns early stopping off)")
         if self.min_delta < 0:
             raise UserError(f"--min-delta {self.min_delta}: must be >= 0")
+
+    def params(self) -> dict[str, Any]:
+        """Every setting but ``progress`` (which changes no result)."""
+        return {k: v for k, v in asdict(self).items() if k != "progress"}
+
+
+def flat_params(config: Any) -> dict[str, Any]:
+    """The params of a job config holding a ``fit: FitConfig``: its own fields, then the fit's."""
+    return {**{k: v for k, v in asdict(config).items() if k != "fit"}, **config.fit.params()}
 
 
 class EarlyStopping:
@@ -158,6 +168,56 @@ class FitResult:
     epochs_run: int = 0
 
 
+def _train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train: tuple[torch.Tensor, torch.Tensor],
+    batch_size: int,
+    config: FitConfig,
+    generator: torch.Generator,
+    augment: Augment | None,
+    epoch: int,
+) -> dict[str, float]:
+    """One shuffled pass over ``train``; returns its mean loss, accuracy and the lr after it."""
+    x_train, y_train = train
+    n = x_train.shape[0]
+    model.train()
+    order = torch.randperm(n, generator=generator, device=generator.device)
+    loss_sum, correct = 0.0, 0
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        xb, yb = x_train[idx], y_train[idx]
+        if augment is not None:
+            xb = augment(xb, generator)
+
+        def closure(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            loss_ = F.cross_entropy(model(xb), yb, label_smoothing=config.label_smoothing)
+            loss_.backward()
+            return loss_
+
+        if config.optimizer == "lbfgs":
+            optimizer.step(closure)
+            with torch.no_grad():
+                logits = model(xb)
+                loss = F.cross_entropy(logits, yb)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb, label_smoothing=config.label_smoothing)
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        if not math.isfinite(loss.item()):
+            raise TrainingDiverged(
+                f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower --lr (now {config.lr})"
+            )
+        loss_sum += loss.item() * idx.numel()
+        correct += (logits.argmax(1) == yb).sum().item()
+    return {"train_loss": loss_sum / n, "train_acc": correct / n, "lr": optimizer.param_groups[0]["lr"]}
+
+
 def fit(
     model: nn.Module,
     train: tuple[torch.Tensor, torch.Tensor],
@@ -180,8 +240,7 @@ def fit(
     epoch; passing it back as ``resume_state`` continues from there.
     """
     config.validate()
-    x_train, y_train = train
-    n = x_train.shape[0]
+    n = train[0].shape[0]
     batch_size = min(config.batch_size, n)
     steps_per_epoch = math.ceil(n / batch_size)
     trainable = _trainable(params if params is not None else model.parameters())
@@ -201,40 +260,7 @@ def fit(
 
     bar = tqdm(range(start_epoch, config.epochs), desc="fit", disable=not config.progress, leave=False)
     for epoch in bar:
-        model.train()
-        order = torch.randperm(n, generator=generator, device=generator.device)
-        loss_sum, correct = 0.0, 0
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            xb, yb = x_train[idx], y_train[idx]
-            if augment is not None:
-                xb = augment(xb, generator)
-
-            def closure(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> torch.Tensor:
-                optimizer.zero_grad(set_to_none=True)
-                loss_ = F.cross_entropy(model(xb), yb, label_smoothing=config.label_smoothing)
-                loss_.backward()
-                return loss_
-
-            if config.optimizer == "lbfgs":
-                optimizer.step(closure)
-                with torch.no_grad():
-                    logits = model(xb)
-                    loss = F.cross_entropy(logits, yb)
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                logits = model(xb)
-                loss = F.cross_entropy(logits, yb, label_smoothing=config.label_smoothing)
-                loss.backward()
-                optimizer.step()
-            scheduler.step()
-            if not math.isfinite(loss.item()):
-                raise TrainingDiverged(
-                    f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower --lr (now {config.lr})"
-                )
-            loss_sum += loss.item() * idx.numel()
-            correct += (logits.argmax(1) == yb).sum().item()
-        metrics = {"train_loss": loss_sum / n, "train_acc": correct / n, "lr": optimizer.param_groups[0]["lr"]}
+        metrics = _train_epoch(model, optimizer, scheduler, train, batch_size, config, generator, augment, epoch)
         improved = False
         if val is not None:
             metrics["val_loss"], metrics["val_acc"] = evaluate_loss(model, *val)

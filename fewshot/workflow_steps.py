@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 from fewshot import tracking
 from fewshot.baseline import BaselineConfig, run_baseline
 from fewshot.hpo import HpoConfig, run_hpo
 from fewshot.linear_eval import LinearEvalConfig, run_linear_eval
-from fewshot.pretrain import REGISTERED_MODEL, PretrainConfig, run_pretrain
-from fewshot.semisup import SemisupConfig, run_semisup
+from fewshot.names import MOCO_ENCODER_MODEL
+from fewshot.pretrain import PretrainConfig
+from fewshot.pretrain.job import run_pretrain
+from fewshot.semisup import SemisupConfig
+from fewshot.semisup.job import run_semisup
 from fewshot.train import FitConfig
 from fewshot.workflow import Runner, Step, WorkflowConfig
 
@@ -35,7 +38,7 @@ DEFAULT = Profile(
     moco=PretrainConfig(),
     # the head trained on the frozen encoder's features of freshly augmented images (the strong digit
     # view): +0.5 points over cached features of the plain images, at 300 epochs as good as 1000
-    # (README, probes)
+    # (docs/benchmarks.md, the linear head under augmentation)
     linear_epochs=300,
     linear_augment="strong",
     finetune_epochs=150,
@@ -60,12 +63,6 @@ QUICK = Profile(
     hpo_folds=3,
     semisup=SemisupConfig(steps=4, eval_every=2, batch_size=8, mu=2, eval_test=False),
 )
-
-
-def _fit_params(fit: FitConfig) -> dict:
-    params = asdict(fit)
-    params.pop("progress")
-    return params
 
 
 def build_steps(cfg: WorkflowConfig, run: Runner) -> None:
@@ -98,7 +95,7 @@ def build_steps(cfg: WorkflowConfig, run: Runner) -> None:
 
     moco_run = run(Step("moco_pretrain", moco_params, pretrain_and_register))
     registered["version"] = tracking.run_summary(moco_run)["tags"]["registered_version"]
-    encoder_uri = f"models:/{REGISTERED_MODEL}/{registered['version']}"
+    encoder_uri = f"models:/{MOCO_ENCODER_MODEL}/{registered['version']}"
 
     for seed in draws:
         for probe in PROBES:

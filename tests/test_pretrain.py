@@ -15,15 +15,9 @@ from mlflow.tracking import MlflowClient
 from fewshot.data import draw_labels, load_mnist
 from fewshot.errors import TrainingDiverged, UserError
 from fewshot.models import build_encoder
-from fewshot.pretrain import (
-    PretrainConfig,
-    _drain,
-    encoder_from_checkpoint,
-    load_checkpoint,
-    loo_knn_accuracy,
-    pretrain,
-    run_pretrain,
-)
+from fewshot.pretrain import PretrainConfig, encoder_from_checkpoint, load_checkpoint, loo_knn_accuracy, pretrain
+from fewshot.pretrain.job import run_pretrain
+from fewshot.pretrain.loop import _drain
 from tests.conftest import PROJECT_ROOT, run_cli, run_group
 
 TIMING = ("images_per_s", "elapsed_s", "augment_share", "evaluate_s")

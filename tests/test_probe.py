@@ -7,23 +7,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from fewshot.baseline import labeled_tensors
-from fewshot.data import draw_labels, load_mnist
-from fewshot.probe import (
-    PROBES,
+from fewshot.data import draw_labels, labeled_tensors, load_mnist
+from fewshot.linear_head import (
     FeatureSet,
     FrozenEncoderHead,
-    FrozenWeightsChanged,
     L2Normalize,
+    cached_features,
+    fold,
+    new_head,
+    train_linear_head,
+)
+from fewshot.probe import (
+    PROBES,
+    FrozenWeightsChanged,
     ProbeContext,
     ProbeSettings,
-    cached_features,
     check_unchanged,
-    fold,
     freeze,
-    new_head,
     run_probe,
-    train_linear_head,
 )
 from fewshot.train import FitConfig
 from tests.encoders import same_weights, tiny_encoder

@@ -15,12 +15,12 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fewshot import augment as aug
 from fewshot import report
-from fewshot.baseline import labeled_tensors
-from fewshot.data import draw_labels, load_mnist, to_unit
+from fewshot.data import draw_labels, labeled_tensors, load_mnist, to_unit
 from fewshot.errors import UserError
 from fewshot.evaluate import predict_logits, topk_accuracy
+from fewshot.linear_head import cached_features
 from fewshot.models import EncoderClassifier, build_encoder
-from fewshot.probe import ProbeContext, ProbeSettings, cached_features, run_probe
+from fewshot.probe import ProbeContext, ProbeSettings, run_probe
 from fewshot.semisup import (
     EMA,
     PseudoLabeler,
@@ -30,10 +30,10 @@ from fewshot.semisup import (
     load_checkpoint,
     prepare_model,
     pseudo_labels,
-    run_semisup,
     semisup_data,
     train_semisup,
 )
+from fewshot.semisup.job import run_semisup
 from fewshot.train import FitConfig
 from tests.conftest import run_cli
 from tests.encoders import same_weights, tiny_encoder, write_checkpoint

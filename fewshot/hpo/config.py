@@ -6,6 +6,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from fewshot.errors import UserError
+from fewshot.names import DEFAULT_ENCODER
 
 TARGETS = ("linear", "moco", "baseline", "semisup")
 PRUNERS = ("median", "halving", "none")
@@ -55,7 +56,7 @@ class HpoConfig:
     folds: int = 5  # stratified k-fold over the labeled images; 0: the 75/25 validation split
     seed: int = 0
     data_dir: str | None = None
-    encoder: str = "models:/fewshot-moco-encoder@champion"  # target linear
+    encoder: str = DEFAULT_ENCODER  # target linear
     budget: str = ""
     pruner: str = "median"
     labels_per_class: int | None = 10

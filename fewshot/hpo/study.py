@@ -30,8 +30,9 @@ from fewshot.hpo.trials import (
     trial_states,
     worker_id,
 )
+from fewshot.names import MOCO_ENCODER_MODEL
 
-ENCODER_MODEL = "fewshot-moco-encoder"
+ENCODER_MODEL = MOCO_ENCODER_MODEL
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_FAILURES_IN_A_ROW = 5
 REPORT_ONLY = "report-only: the winner's test score, computed after the search; never seen by the sampler or pruner"

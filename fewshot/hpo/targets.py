@@ -21,12 +21,17 @@ import torch
 from torch import nn
 
 from fewshot.augment import AffineSpec, OnlineAffine
-from fewshot.data import MNIST, LabeledDraw
+from fewshot.data import MNIST, LabeledDraw, labeled_tensors
 from fewshot.device import place
-from fewshot.evaluate import topk_accuracy
+from fewshot.encoder_source import resolve_encoder
+from fewshot.evaluate import evaluate_split, topk_accuracy
 from fewshot.hpo.config import Budget, HpoConfig
 from fewshot.hpo.folds import LabeledSet, Split, make_splits
+from fewshot.linear_head import FeatureSet, cached_features, encode, train_linear_head
 from fewshot.models import build_classifier, with_feature_grid
+from fewshot.pretrain import PretrainConfig, pretrain, selection_score
+from fewshot.probe import DEFAULT_FEATURE_GRID
+from fewshot.semisup import RANDOM_INIT, SemisupConfig, SemisupData, prepare_model, train_semisup
 from fewshot.train import FitConfig, evaluate_loss, fit
 
 Report = Callable[[int, float], None]  # (step, intermediate value): records it, raises TrialPruned to stop
@@ -108,9 +113,6 @@ class LinearTarget:
     OPTIMIZERS = ("adam", "adamw", "sgd", "adadelta", "adagrad")
 
     def __init__(self, cfg: HpoConfig, data: SearchData) -> None:
-        from fewshot.encoder_source import resolve_encoder
-        from fewshot.probe import DEFAULT_FEATURE_GRID, encode
-
         self.data = data
         self.folds = cfg.folds
         self.measure = _measure(cfg.folds)
@@ -139,8 +141,6 @@ class LinearTarget:
         )  # fmt: skip
 
     def _head(self, params: dict[str, Any], train_f, train_y, val_f, val_y, seed: int) -> nn.Module:
-        from fewshot.probe import FeatureSet, train_linear_head
-
         empty = train_f[:0]
         features = FeatureSet(train_f, train_y, val_f, val_y, test=empty, y_test=train_y[:0])
         generator = torch.Generator(self.data.device).manual_seed(seed)
@@ -159,8 +159,6 @@ class LinearTarget:
 
     def report_winner(self, params: dict[str, Any], trial: optuna.trial.FrozenTrial, mnist: MNIST) -> WinnerReport:
         """The winning head trained on the draw's 75/25 split, scored on the test set."""
-        from fewshot.probe import cached_features
-
         features = cached_features(self.encoder, mnist, self.data.draw, self.data.device)
         head = self._head(params, features.train, features.y_train, features.val, features.y_val, self.data.seed)
         with torch.no_grad():
@@ -190,8 +188,6 @@ class TrainedClassifierTarget:
         return _cross_validate(self.data, score, report, log_step)
 
     def report_winner(self, params: dict[str, Any], trial: optuna.trial.FrozenTrial, mnist: MNIST) -> WinnerReport:
-        from fewshot.baseline import evaluate_split, labeled_tensors
-
         t = labeled_tensors(mnist, self.data.draw, self.data.device)
         model = self._train(params, (t.x_train, t.y_train), (t.x_val, t.y_val), self.data.seed)
         test, _ = evaluate_split(model, t.x_test, t.y_test)
@@ -248,8 +244,6 @@ class MocoTarget:
     REPORTS = 4  # epochs (pruning points) a minutes budget is split into
 
     def __init__(self, cfg: HpoConfig, data: SearchData) -> None:
-        from fewshot.pretrain import PretrainConfig
-
         self.data = data
         base = {"seed": cfg.seed, "device": str(data.device), "progress": False, "knn_test": False,
                 "checkpoint_minutes": 0.0, "labels_per_class": cfg.labels_per_class, "n_labels": cfg.n_labels}  # fmt: skip
@@ -269,8 +263,6 @@ class MocoTarget:
         }
 
     def _config(self, params: dict[str, Any]):
-        from fewshot.pretrain import PretrainConfig
-
         cfg = PretrainConfig(**{**self.base, **params})
         if self.data.budget.epochs is not None:
             cfg.epochs = self.data.budget.epochs
@@ -279,8 +271,6 @@ class MocoTarget:
 
     def _fit_minutes(self, cfg):
         """Epochs and steps per epoch that make this trial's pretraining last about the budget."""
-        from fewshot.pretrain import pretrain
-
         probe = dataclasses.replace(cfg, epochs=1, max_steps_per_epoch=3, warmup_epochs=0)
         started = time.perf_counter()
         pretrain(probe, self.data.mnist, self.data.draw)
@@ -292,13 +282,9 @@ class MocoTarget:
         return dataclasses.replace(cfg, epochs=self.REPORTS, max_steps_per_epoch=steps // self.REPORTS)
 
     def _labeled(self):
-        from fewshot.pretrain import labeled_for_monitor
-
-        return labeled_for_monitor(self.data.mnist, self.data.draw, self.data.device, with_test=False)
+        return labeled_tensors(self.data.mnist, self.data.draw, self.data.device, with_test=False)
 
     def evaluate(self, params: dict[str, Any], report: Report, log_step: StepLogger) -> Outcome:
-        from fewshot.pretrain import pretrain, selection_score
-
         cfg = self._config(params)
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
@@ -316,9 +302,6 @@ class MocoTarget:
 
     def report_winner(self, params: dict[str, Any], trial: optuna.trial.FrozenTrial, mnist: MNIST) -> WinnerReport:
         """The winner's encoder (from its trial run) with a default linear probe, on the test set."""
-        from fewshot.encoder_source import resolve_encoder
-        from fewshot.probe import DEFAULT_FEATURE_GRID, cached_features, train_linear_head
-
         encoder = with_feature_grid(resolve_encoder(trial.user_attrs["model_uri"])[0], DEFAULT_FEATURE_GRID)
         features = cached_features(encoder, mnist, self.data.draw, self.data.device)
         cfg = FitConfig(epochs=300, lr=3e-3, batch_size=75, progress=False)
@@ -343,9 +326,6 @@ class SemisupTarget(TrainedClassifierTarget):
     name = "semisup"
 
     def __init__(self, cfg: HpoConfig, data: SearchData) -> None:
-        from fewshot.encoder_source import resolve_encoder
-        from fewshot.semisup import RANDOM_INIT, SemisupConfig
-
         self.data = data
         self.measure = _measure(cfg.folds)
         steps = data.budget.epochs or 300
@@ -369,8 +349,6 @@ class SemisupTarget(TrainedClassifierTarget):
         }
 
     def _train(self, params: dict[str, Any], train, val, seed: int) -> nn.Module:
-        from fewshot.semisup import SemisupConfig, SemisupData, prepare_model, train_semisup
-
         cfg = SemisupConfig(**{**self.base, **params, "seed": seed})
         pool_idx = self.data.draw.unlabeled_idx
         data = SemisupData(*train, *val, pool=self.data.mnist.train_images[pool_idx].to(self.data.device),
