@@ -50,7 +50,6 @@ from fewshot.tracking.store import (
     default_tracking_uri,
     open_store,
     redact,
-    state_dir,
     tracking_uri,
 )
 
@@ -60,6 +59,6 @@ __all__ = [
     "configure", "default_tracking_uri", "download_artifact", "fetch_model_files", "find_finished_run",
     "find_model_version", "git_commit", "is_mlflow_uri", "latest_run_id", "log_torch_model", "logged_steps",
     "open_store", "pid_alive", "reap_dead_runs", "redact", "register_model_version", "run_exists", "run_state",
-    "run_status", "run_summary", "running_runs", "set_run_status", "start_run", "state_dir", "step_tags",
+    "run_status", "run_summary", "running_runs", "set_run_status", "start_run", "step_tags",
     "tracking_uri",
 ]  # fmt: skip

@@ -111,6 +111,24 @@ def _resolve_model_uri(client: MlflowClient, uri: str) -> tuple[str, str | None,
     raise UserError(f"{uri}: not a model URI this project reads; use {MODEL_URI_FORMS}, or a checkpoint file path")
 
 
+def _download(client: MlflowClient, pinned: str, dst: str | Path, store: str) -> str:
+    """Download a pinned model URI from ``client``'s store. A registered version is read from
+    its logged model's artifact location: MLflow's models:/ repository would ask the
+    process-wide registry, which may be another store than the one asked for."""
+    location = pinned
+    if match := _REGISTRY_VERSION.match(pinned):
+        found = client.get_model_version(match["name"], match["version"])
+        model_id = getattr(found, "model_id", None)
+        location = (
+            client.get_logged_model(model_id).artifact_location
+            if model_id
+            else client.get_model_version_download_uri(match["name"], match["version"])
+        )
+    elif match := _LOGGED_MODEL_ID.match(pinned):
+        location = client.get_logged_model(match["model_id"]).artifact_location
+    return mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dst), tracking_uri=store)
+
+
 @dataclass(frozen=True)
 class FetchedModel:
     """A logged model's files downloaded to ``local_dir``, with where they came from."""
@@ -140,7 +158,7 @@ def fetch_model_files(
     try:
         pinned, name, version, run_id = _resolve_model_uri(client, uri)
         with quiet_mlflow():
-            local = mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(dst), tracking_uri=store)
+            local = _download(client, pinned, dst, store)
     except MlflowException as exc:
         hint = "check the run id in the MLflow UI" if uri.startswith("runs:") else ""
         match = _REGISTRY_ALIAS.match(uri) or _REGISTRY_VERSION.match(uri)

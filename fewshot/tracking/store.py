@@ -4,7 +4,9 @@ One rule, MLflow's own: ``MLFLOW_TRACKING_URI`` when set (``mlflow run`` sets it
 ``http://``, ``postgresql://`` and ``sqlite:///`` all work), else MLflow's default
 ``sqlite:///mlflow.db`` in the working folder, with artifacts under ``./mlruns``. So ``mlflow
 run .``, ``python -m entrypoints.<job>``, ``make run`` and ``mlflow ui`` started in the project
-root meet in one store. Nothing here changes MLflow's process-wide tracking URI.
+root meet in one store. Only ``configure`` (a job opening its store) aligns MLflow's
+process-wide tracking URI with MLFLOW_TRACKING_URI when the variable was changed after
+``mlflow.set_tracking_uri``; nothing else here changes it.
 """
 
 from __future__ import annotations
@@ -37,8 +39,11 @@ PROBE_RETRIES, PROBE_TIMEOUT_S = 1, 5
 
 
 def tracking_uri() -> str:
-    """The store MLflow itself resolves: MLFLOW_TRACKING_URI, else ``sqlite:///<cwd>/mlflow.db``."""
-    return mlflow.get_tracking_uri()
+    """MLFLOW_TRACKING_URI, else the store MLflow resolves (``sqlite:///<cwd>/mlflow.db`` by default).
+
+    ``mlflow.set_tracking_uri`` writes the variable too, so the two differ only when the variable
+    was changed after it: the later, explicit choice wins."""
+    return os.environ.get(TRACKING_ENV) or mlflow.get_tracking_uri()
 
 
 def default_tracking_uri() -> str:
@@ -63,22 +68,12 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(urllib.parse.unquote(uri[len(SQLITE_PREFIX) :]).split("?", 1)[0])
 
 
-def state_dir(uri: str | None = None) -> Path:
-    """Where job state that is not an MLflow record lives (workflow checkpoints, the default Optuna
-    study): the folder of a SQLite store, else ``<project>/mlruns/<hash of the store URI>``."""
-    uri = uri or tracking_uri()
-    path = sqlite_path(uri)
-    if path is not None:
-        return path.parent
-    return STORE_DIR / hashlib.sha256(uri.encode()).hexdigest()[:12]
-
-
 def checkpoint_root() -> Path:
     """Where workflow steps keep their checkpoints: ``checkpoints/`` beside the SQLite store in use
     (the project root by default), else under ``mlruns/checkpoints/<hash of the store URI>``."""
     uri = tracking_uri()
-    if sqlite_path(uri) is not None:
-        return state_dir(uri) / "checkpoints"
+    if (path := sqlite_path(uri)) is not None:
+        return path.parent / "checkpoints"
     return STORE_DIR / "checkpoints" / hashlib.sha256(uri.encode()).hexdigest()[:12]
 
 
@@ -116,17 +111,18 @@ def open_store(uri: str) -> MlflowClient:
     """A client on ``uri`` with its schema in place (created or migrated under ``creation_lock``)."""
     check_reachable(uri)
     path = sqlite_path(uri)
-    client = MlflowClient(tracking_uri=uri)
     try:
         if path is None:
+            client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
             return client
         if not path.parent.is_dir():
             raise UserError(
                 f"tracking store {redact(uri)}: folder {path.parent} does not exist; create it or fix {TRACKING_ENV}"
             )
-        with creation_lock(str(path.resolve())):
-            client.search_experiments(max_results=1)  # MLflow creates and migrates the schema here
+        with creation_lock(str(path.resolve())):  # MLflow creates and migrates the schema in the client
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)
     except UserError:
         raise
     except MlflowException as exc:
@@ -155,6 +151,8 @@ def configure(experiment: str | None = None, run_id: str | None = None) -> str:
     """
     uri = tracking_uri()
     client = open_store(uri)
+    if mlflow.get_tracking_uri() != uri:  # the job's runs go where its store was resolved
+        mlflow.set_tracking_uri(uri)
     try:
         if (existing := run_id or launched_run_id()) is not None:
             experiment_id = client.get_run(existing).info.experiment_id
