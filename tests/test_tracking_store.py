@@ -80,3 +80,10 @@ def test_latest_and_aliases_load_without_moving_the_callers_tracking_uri(trackin
     x = torch.rand(3, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(loaded.eval()(x), second(x), atol=1e-5)
+
+
+def test_parent_run_id_names_the_run_a_step_nests_under(tracking_store: str) -> None:
+    with tracking.start_run(run_name="parent") as parent, tracking.start_run(run_name="step") as step:
+        pass
+    assert tracking.parent_run_id(step.run_id) == parent.run_id
+    assert tracking.parent_run_id(parent.run_id) is None and tracking.parent_run_id("0" * 32) is None

@@ -11,6 +11,7 @@ from typing import Any
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from fewshot.errors import UserError
 from fewshot.tracking.store import TRACKING_ENV, first_line, redact, tracking_uri
@@ -38,6 +39,12 @@ def run_state(run_id: str) -> tuple[str, dict[str, str]] | None:
     except MlflowException:
         return None
     return run.info.status, dict(run.data.tags)
+
+
+def parent_run_id(run_id: str) -> str | None:
+    """The run a nested run belongs to (MLflow's parent tag), None for a top-level or unknown run."""
+    state = run_state(run_id)
+    return state[1].get(MLFLOW_PARENT_RUN_ID) if state is not None else None
 
 
 def running_runs(experiment_id: str, tags: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
