@@ -28,5 +28,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# MLflow's default store of this folder (mlflow.db, artifacts in mlruns/): where `mlflow run .`,
+# `python -m entrypoints.<job>` and `make run` log unless MLFLOW_TRACKING_URI says otherwise
 ui: setup
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port 5000
+	cd $(CURDIR) && $(BIN)/mlflow ui --host 127.0.0.1 --port 5000

@@ -69,7 +69,8 @@ def load_encoder(uri: str = DEFAULT_ENCODER, tracking_uri: str | None = None) ->
 
     ``uri``: ``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``runs:/<run_id>/encoder``
     or the path of a ``moco_pretrain`` checkpoint. ``tracking_uri`` defaults to
-    $MLFLOW_TRACKING_URI, else the project's store.
+    $MLFLOW_TRACKING_URI, else MLflow's default ``sqlite:///mlflow.db`` in the working folder.
+    MLflow's process-wide tracking URI is left as it was.
     """
     encoder, _ = resolve_encoder(uri, tracking_uri=tracking_uri)
     return encoder

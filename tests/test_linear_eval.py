@@ -79,7 +79,7 @@ def test_registered_champion_linear_probe_logs_everything(
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     answer = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert answer["module"] == "fewshot.models.EncoderClassifier"
+    assert answer["module"].startswith("torch.jit."), "a traced module: loading it runs no fewshot code"
     accuracy = float(np.mean(np.array(answer["digits"]) == mnist.test_labels.numpy()))
     assert accuracy == pytest.approx(metrics["test_top1"], abs=1e-6)
 
