@@ -6,7 +6,7 @@ workers in parallel; rerun it to resume. --n-trials 0 only creates the study and
 
 import click
 
-from fewshot.cli import FewshotCommand, _empty_to_none, _existing_dir
+from fewshot.cli import FewshotCommand, _empty_to_none, _existing_dir, debug_option, device_option, seed_option
 from fewshot.encoder_source import DEFAULT_ENCODER
 from fewshot.hpo import PRUNERS, TARGETS, HpoConfig, run_hpo
 
@@ -55,7 +55,7 @@ from fewshot.hpo import PRUNERS, TARGETS, HpoConfig, run_hpo
     show_default=True,
     help="Stratified folds over the labeled images (0: the 75/25 validation split).",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Label draw, training seed and sampler seed.")
+@seed_option("Label draw, training seed and sampler seed.")
 @click.option("--data-dir", default="", callback=_existing_dir, help="Folder with the MNIST IDX files.")
 @click.option("--encoder", default=DEFAULT_ENCODER, show_default=True,
               help="Encoder URI for --target linear and semisup (semisup also takes random).")  # fmt: skip
@@ -75,8 +75,8 @@ from fewshot.hpo import PRUNERS, TARGETS, HpoConfig, run_hpo
     show_default=True,
     help="Seconds between trial heartbeats; a trial silent for 3x this long is failed and retried.",
 )
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--debug", is_flag=True, help="Show tracebacks for user errors.")
+@device_option()
+@debug_option()
 def main(**opts) -> None:  # fmt: skip
     opts.pop("debug")
     result = run_hpo(HpoConfig(**opts), echo=click.echo)

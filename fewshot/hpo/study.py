@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import optuna
+from optuna.storages import BaseStorage
+from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from fewshot import tracking
@@ -35,7 +37,6 @@ ENCODER_MODEL = "fewshot-moco-encoder"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_FAILURES_IN_A_ROW = 5
 REPORT_ONLY = "report-only: the winner's test score, computed after the search; never seen by the sampler or pruner"
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 @dataclass
@@ -60,8 +61,8 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_study(cfg: HpoConfig, url: str, name: str, identity: dict[str, str]) -> tuple[optuna.Study, bool]:
-    """Create the study, or load it and check it was made for the same search. Returns (study, created)."""
+def open_study(cfg: HpoConfig, url: str, name: str, identity: dict[str, str]) -> tuple[optuna.Study, BaseStorage, bool]:
+    """Create the study, or load it and check it was made for the same search. Returns (study, storage, created)."""
     storage = st.open_storage(url, cfg.heartbeat_seconds, on_stale=close_stale_trial_run)
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     created = name not in existing
@@ -69,7 +70,7 @@ def open_study(cfg: HpoConfig, url: str, name: str, identity: dict[str, str]) ->
     if created:
         for key, value in identity.items():
             study.set_user_attr(key, value)
-        return study, True
+        return study, storage, True
     found = {k: str(v) for k, v in study.user_attrs.items() if k in identity}
     differs = [f"{k} {found[k]!r} (now {v!r})" for k, v in identity.items() if k in found and found[k] != v]
     if differs:
@@ -77,35 +78,33 @@ def open_study(cfg: HpoConfig, url: str, name: str, identity: dict[str, str]) ->
             f"--study-name {name}: that study was made with {', '.join(differs)}; rerun with the same options "
             "or pick another --study-name"
         )
-    return study, False
+    return study, storage, False
 
 
 def _sampler(cfg: HpoConfig, study: optuna.Study, created: bool) -> optuna.samplers.BaseSampler:
     """TPE seeded from --seed; a process joining an existing study (another worker, a resume)
     also mixes in its pid, so two workers do not propose the same first trials."""
-    import os
-
     seed = cfg.seed * 1_000_003 + len(study.get_trials(deepcopy=False))
     if not created:
         seed += os.getpid() * 7919
-    return optuna.samplers.TPESampler(seed=seed % (2**32), constant_liar=True, multivariate=True)
+    with st.experimental_ok():  # constant_liar and multivariate are experimental
+        return optuna.samplers.TPESampler(seed=seed % (2**32), constant_liar=True, multivariate=True)
 
 
 def _finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-class StopWhenDone:
-    """Stop this worker when the study holds ``n_trials`` finished trials (all workers
-    together), or after ``MAX_FAILURES_IN_A_ROW`` failed trials of this worker in a row."""
+class StopAfterFailures:
+    """Stop this worker after ``MAX_FAILURES_IN_A_ROW`` failed trials of its own in a row (the
+    study's trial count is Optuna's ``MaxTrialsCallback``)."""
 
-    def __init__(self, n_trials: int) -> None:
-        self.n_trials = n_trials
+    def __init__(self) -> None:
         self.failures_in_a_row = 0
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.failures_in_a_row = self.failures_in_a_row + 1 if trial.state == TrialState.FAIL else 0
-        if _finished(study) >= self.n_trials or self.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+        if self.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
             study.stop()
 
 
@@ -122,12 +121,12 @@ def run_hpo(cfg: HpoConfig, echo=print) -> HpoResult:
         experiment_id = tracking.configure(cfg.experiment)
         # the target loads the encoder: a bad URI fails before any study or run is made
         target = make_target(cfg, mnist, draw, device, budget) if cfg.n_trials else None
-        study, created = open_study(cfg, url, name, cfg.identity(budget))
+        study, storage, created = open_study(cfg, url, name, cfg.identity(budget))
     echo(f"study {name} ({'created' if created else 'resumed'}) in {st.describe(url)} storage "
          f"{tracking.redact(url)}; rerun with --study-name {name} to resume or add workers")  # fmt: skip
     if cfg.n_trials == 0:
         return HpoResult(name, url, None, 0, trial_states(study))
-    study = optuna.load_study(study_name=name, storage=study._storage, sampler=_sampler(cfg, study, created),
+    study = optuna.load_study(study_name=name, storage=storage, sampler=_sampler(cfg, study, created),
                               pruner=make_pruner(cfg.pruner))  # fmt: skip
     close_dead_worker_runs(experiment_id, name)
     tags = {"job": "hpo", "hpo_target": cfg.target, STUDY_TAG: name, WORKER_TAG: worker_id(), "seed": cfg.seed}
@@ -137,11 +136,13 @@ def run_hpo(cfg: HpoConfig, echo=print) -> HpoResult:
                            "pruner_class": type(study.pruner).__name__, "objective": target.measure,
                            "budget_parsed": str(budget), "n_folds_used": len(target.data.splits)})  # fmt: skip
         parent.log_draw(draw, mnist.source)
-        runner = TrialRunner(target, parent.run_id, name)
-        stopper = StopWhenDone(cfg.n_trials)
+        runner = TrialRunner(target, parent.run_id, name, storage)
+        stopper = StopAfterFailures()
         if _finished(study) < cfg.n_trials:
-            study.optimize(runner, n_trials=None, timeout=cfg.timeout or None, n_jobs=cfg.n_jobs,
-                           callbacks=[stopper], catch=(Exception,))  # fmt: skip
+            with st.experimental_ok():  # Optuna calls fail_stale_trials (experimental) before each trial
+                study.optimize(runner, n_trials=None, timeout=cfg.timeout or None, n_jobs=cfg.n_jobs,
+                               callbacks=[MaxTrialsCallback(cfg.n_trials, states=FINISHED), stopper],
+                               catch=(Exception,))  # fmt: skip
         st.settle_dead_trials(study, cfg.heartbeat_seconds, echo)
         if stopper.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
             last = runner.failures[-1] if runner.failures else "see the failed trials' runs"
