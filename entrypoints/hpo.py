@@ -5,6 +5,7 @@ workers in parallel; rerun it to resume. --n-trials 0 only creates the study and
 """
 
 import click
+import torch.distributed as dist
 
 from fewshot.cli import FewshotCommand, _empty_to_none, _existing_dir, debug_option, device_option, seed_option
 from fewshot.encoder_source import DEFAULT_ENCODER
@@ -79,7 +80,13 @@ from fewshot.hpo import PRUNERS, TARGETS, HpoConfig, run_hpo
 @debug_option()
 def main(**opts) -> None:  # fmt: skip
     opts.pop("debug")
-    result = run_hpo(HpoConfig(**opts), echo=click.echo)
+    try:
+        result = run_hpo(HpoConfig(**opts), echo=click.echo)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if result.follower:  # under torchrun rank 0 reports
+        return
     click.echo(
         f"study {result.study_name}: {result.trials_run} trials run here, states {result.states}"
         + (f"; parent run {result.parent_run_id}" if result.parent_run_id else "")

@@ -16,6 +16,7 @@ from fewshot import tracking
 from fewshot.data import draw_labels, load_mnist
 from fewshot.device import configure_threads, pick_device
 from fewshot.errors import UserError
+from fewshot.hpo import distributed
 from fewshot.hpo import storage as st
 from fewshot.hpo.config import HpoConfig
 from fewshot.hpo.summary import log_study_summary
@@ -51,6 +52,7 @@ class HpoResult:
     best_trial: int | None = None
     test_metrics: dict[str, float] = field(default_factory=dict)
     registered: tuple[str, str] | None = None  # (version, alias)
+    follower: bool = False  # a torchrun rank other than 0: trained the trials, logged nothing
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:
@@ -110,13 +112,20 @@ class StopAfterFailures:
 
 def run_hpo(cfg: HpoConfig, echo=print) -> HpoResult:
     """Run (or resume, or join) a study until it holds ``cfg.n_trials`` finished trials."""
+    from fewshot.pretrain import init_distributed
+
     budget = cfg.validate()
+    rank, world = init_distributed(cfg.device)  # (0, 1) unless started by torchrun
+    distributed.check_target(cfg.target, cfg.n_jobs, world)
     configure_threads()
     device = pick_device(cfg.device)
     mnist = load_mnist(cfg.data_dir)
     draw = draw_labels(mnist.train_labels, cfg.seed, cfg.labels_per_class, cfg.n_labels)
     name = cfg.study_name or f"hpo-{cfg.target}-{time.strftime('%Y%m%d-%H%M%S')}"
     url = cfg.storage or st.default_storage_url()
+    if rank != 0:  # a torchrun follower: trains each trial rank 0 runs, logs nothing
+        ran = distributed.follow(make_target(cfg, mnist, draw, device, budget)) if cfg.n_trials else 0
+        return HpoResult(name, url, None, ran, {}, follower=True)
     with st.init_lock(tracking.tracking_uri(), url):  # fresh SQLite stores are created by one process at a time
         experiment_id = tracking.configure(cfg.experiment)
         # the target loads the encoder: a bad URI fails before any study or run is made
@@ -137,12 +146,17 @@ def run_hpo(cfg: HpoConfig, echo=print) -> HpoResult:
                            "budget_parsed": str(budget), "n_folds_used": len(target.data.splits)})  # fmt: skip
         parent.log_draw(draw, mnist.source)
         runner = TrialRunner(target, parent.run_id, name, storage)
+        objective = distributed.LeaderObjective(runner) if world > 1 else runner
         stopper = StopAfterFailures()
-        if _finished(study) < cfg.n_trials:
-            with st.experimental_ok():  # Optuna calls fail_stale_trials (experimental) before each trial
-                study.optimize(runner, n_trials=None, timeout=cfg.timeout or None, n_jobs=cfg.n_jobs,
-                               callbacks=[MaxTrialsCallback(cfg.n_trials, states=FINISHED), stopper],
-                               catch=(Exception,))  # fmt: skip
+        try:
+            if _finished(study) < cfg.n_trials:
+                with st.experimental_ok():  # Optuna calls fail_stale_trials (experimental) before each trial
+                    study.optimize(objective, n_trials=None, timeout=cfg.timeout or None, n_jobs=cfg.n_jobs,
+                                   callbacks=[MaxTrialsCallback(cfg.n_trials, states=FINISHED), stopper],
+                                   catch=(Exception,))  # fmt: skip
+        finally:
+            if world > 1:
+                distributed.LeaderObjective.finish()
         st.settle_dead_trials(study, cfg.heartbeat_seconds, echo)
         if stopper.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
             last = runner.failures[-1] if runner.failures else "see the failed trials' runs"

@@ -51,7 +51,7 @@ class TrialRunner:
         self.started.append(trial.number)
         tags = {"job": "hpo-trial", STUDY_TAG: self.study_name, TRIAL_TAG: trial.number, STATE_TAG: "RUNNING",
                 "hpo_target": self.target.name}  # fmt: skip
-        retry_of = retried_trial_number(self.storage, trial)
+        retry_of = retried_trial_number(self.storage, self.study_name, trial.number)
         if retry_of is not None:
             tags["optuna.retry_of_trial"] = retry_of
         pruned: optuna.TrialPruned | None = None
@@ -96,11 +96,11 @@ class TrialRunner:
         child.set_tags({STATE_TAG: "COMPLETE"})
 
 
-def retried_trial_number(storage: BaseStorage, trial: optuna.Trial) -> int | None:
+def retried_trial_number(storage: BaseStorage, study_name: str, number: int) -> int | None:
     """The trial this one re-runs after its worker died (Optuna 5's Trial has no system_attrs:
     the frozen trial is read back through the storage's public lookups)."""
-    study_id = storage.get_study_id_from_name(trial.study.study_name)
-    frozen = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number))
+    study_id = storage.get_study_id_from_name(study_name)
+    frozen = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, number))
     with experimental_ok():
         return RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
 
