@@ -21,8 +21,9 @@ def test_moco_trials_train_on_two_torchrun_processes(synthetic_data_dir: Path, t
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "tests.hpo_ddp_worker", str(synthetic_data_dir), storage, str(tmp_path)]  # fmt: skip
-    done = subprocess.run(command, cwd=PROJECT_ROOT, env=child_env(tracking_store), capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
+    env = child_env(tracking_store, PYTHONPATH=str(PROJECT_ROOT))
+    # cwd: the store's relative artifact root (./mlruns) lands in the test's folder, not the project's
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     leader, follower = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert leader["world"] == follower["world"] == 2
