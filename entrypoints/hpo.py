@@ -2,6 +2,8 @@
 
 Start the same command with the same --study-name in several terminals or machines to run
 workers in parallel; rerun it to resume. --n-trials 0 only creates the study and the stores.
+``torchrun --nproc_per_node 2 -m entrypoints.hpo --target moco ...`` trains each MoCo trial on
+every process (rank 0 owns the study and the MLflow runs).
 """
 
 import click
