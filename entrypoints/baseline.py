@@ -4,7 +4,7 @@ import click
 
 from fewshot.augment import AUGMENT_CHOICES
 from fewshot.baseline import BaselineConfig, run_baseline
-from fewshot.cli import FewshotCommand, common_options, draw_options, fit_options
+from fewshot.cli import FewshotCommand, bool_option, common_options, draw_options, fit_options, output_dir
 from fewshot.models import CLASSIFIERS
 from fewshot.train import OPTIMIZERS, FitConfig
 
@@ -16,12 +16,8 @@ from fewshot.train import OPTIMIZERS, FitConfig
 @click.option("--augment-strength", type=click.FloatRange(0, 3), default=1.0, show_default=True)
 @fit_options([o for o in OPTIMIZERS if o != "lbfgs"])
 @click.option("--min-delta", type=click.FloatRange(min=0), default=0.0, show_default=True)
-@click.option(
-    "--refit",
-    type=click.BOOL,
-    default=True,
-    show_default=True,
-    help="After early stopping on the 75/25 split, retrain on all labeled images for as many epochs.",
+@bool_option(
+    "--refit", True, "After early stopping on the 75/25 split, retrain on all labeled images for as many epochs."
 )
 @click.option(
     "--tta-views",
@@ -30,7 +26,7 @@ from fewshot.train import OPTIMIZERS, FitConfig
     show_default=True,
     help="Test-time augmentation: average the test prediction over the image and this many mildly warped copies.",
 )
-@click.option("--checkpoint-dir", default="", help="Also keep the best checkpoint in this folder.")
+@click.option("--checkpoint-dir", default="", callback=output_dir, help="Also keep the best checkpoint in this folder.")
 def main(**opts) -> None:
     draw = draw_options(opts)
     opts.pop("debug")

@@ -2,11 +2,14 @@
 
 Start the same command with the same --study-name in several terminals or machines to run
 workers in parallel; rerun it to resume. --n-trials 0 only creates the study and the stores.
+``torchrun --nproc_per_node 2 -m entrypoints.hpo --target moco ...`` trains each MoCo trial on
+every process (rank 0 owns the study and the MLflow runs).
 """
 
 import click
+import torch.distributed as dist
 
-from fewshot.cli import FewshotCommand, _empty_to_none, _existing_dir
+from fewshot.cli import FewshotCommand, _empty_to_none, _existing_dir, debug_option, device_option, seed_option
 from fewshot.encoder_source import DEFAULT_ENCODER
 from fewshot.hpo import PRUNERS, TARGETS, HpoConfig, run_hpo
 
@@ -55,7 +58,7 @@ from fewshot.hpo import PRUNERS, TARGETS, HpoConfig, run_hpo
     show_default=True,
     help="Stratified folds over the labeled images (0: the 75/25 validation split).",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Label draw, training seed and sampler seed.")
+@seed_option("Label draw, training seed and sampler seed.")
 @click.option("--data-dir", default="", callback=_existing_dir, help="Folder with the MNIST IDX files.")
 @click.option("--encoder", default=DEFAULT_ENCODER, show_default=True,
               help="Encoder URI for --target linear and semisup (semisup also takes random).")  # fmt: skip
@@ -75,11 +78,17 @@ from fewshot.hpo import PRUNERS, TARGETS, HpoConfig, run_hpo
     show_default=True,
     help="Seconds between trial heartbeats; a trial silent for 3x this long is failed and retried.",
 )
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--debug", is_flag=True, help="Show tracebacks for user errors.")
+@device_option()
+@debug_option()
 def main(**opts) -> None:  # fmt: skip
     opts.pop("debug")
-    result = run_hpo(HpoConfig(**opts), echo=click.echo)
+    try:
+        result = run_hpo(HpoConfig(**opts), echo=click.echo)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if result.follower:  # under torchrun rank 0 reports
+        return
     click.echo(
         f"study {result.study_name}: {result.trials_run} trials run here, states {result.states}"
         + (f"; parent run {result.parent_run_id}" if result.parent_run_id else "")

@@ -2,7 +2,7 @@
 
 import click
 
-from fewshot.cli import FewshotCommand, common_options, draw_options, fit_options
+from fewshot.cli import FewshotCommand, bool_option, common_options, draw_options, fit_options
 from fewshot.embedding import METHODS as EMBEDDINGS
 from fewshot.encoder_source import DEFAULT_ENCODER
 from fewshot.linear_eval import AUGMENT_CHOICES, LinearEvalConfig, run_linear_eval
@@ -20,12 +20,8 @@ from fewshot.train import OPTIMIZERS, FitConfig
 )
 @click.option("--probe", type=click.Choice(list(PROBES)), default="linear", show_default=True)
 @fit_options(list(OPTIMIZERS))
-@click.option(
-    "--standardize",
-    type=bool,
-    default=True,
-    show_default=True,
-    help="Standardise features with the training images' mean and std (folded into the logged head).",
+@bool_option(
+    "--standardize", True, "Standardise features with the training images' mean and std (folded into the logged head)."
 )
 @click.option(
     "--augment",
@@ -57,19 +53,11 @@ from fewshot.train import OPTIMIZERS, FitConfig
     show_default=True,
     help="Frozen probes read the encoder's last feature map average-pooled to this grid (2: 4x the values of 1).",
 )
-@click.option(
-    "--refit",
-    type=bool,
-    default=True,
-    show_default=True,
-    help="Linear probe: after early stopping on the 25 validation labels, train a fresh head on all 100.",
+@bool_option(
+    "--refit", True, "Linear probe: after early stopping on the 25 validation labels, train a fresh head on all 100."
 )
-@click.option(
-    "--normalize",
-    type=bool,
-    default=True,
-    show_default=True,
-    help="Linear and fine-tuning heads: L2-normalise the features first (kept in the logged head).",
+@bool_option(
+    "--normalize", True, "Linear and fine-tuning heads: L2-normalise the features first (kept in the logged head)."
 )
 @click.option(
     "--embedding",

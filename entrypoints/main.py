@@ -2,21 +2,23 @@
 
 import click
 
-from fewshot.cli import FewshotCommand
+from fewshot.cli import FewshotCommand, _existing_dir, bool_option, debug_option, device_option, output_dir, seed_option
 from fewshot.workflow import WorkflowConfig, run_workflow
 from fewshot.workflow_steps import build_steps
 
 
 @click.command(cls=FewshotCommand)
 @click.option("--draws", type=click.IntRange(1, 20), default=3, show_default=True, help="Label draws (seeds seed..).")
-@click.option("--quick", type=click.BOOL, default=False, show_default=True, help="A few-minute smoke profile.")
-@click.option("--force", type=click.BOOL, default=False, show_default=True, help="Rerun steps that already finished.")
-@click.option("--data-dir", default="", help="Folder with the MNIST IDX files (default $FEWSHOT_DATA_DIR or ./data).")
-@click.option("--seed", type=int, default=0, show_default=True, help="First label draw; MoCo and search use it.")
-@click.option("--results-dir", default="", help="Where results.md / results.csv go (default: the project root).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--debug", is_flag=True, help="Show tracebacks for user errors.")
-def main(draws: int, quick: bool, force: bool, data_dir: str, seed: int, results_dir: str, device: str,
+@bool_option("--quick", False, "A few-minute smoke profile.")
+@bool_option("--force", False, "Rerun steps that already finished.")
+@click.option("--data-dir", default="", callback=_existing_dir,
+              help="Folder with the MNIST IDX files (default $FEWSHOT_DATA_DIR or ./data).")  # fmt: skip
+@seed_option("First label draw; MoCo and search use it.")
+@click.option("--results-dir", default="", callback=output_dir,
+              help="Where results.md / results.csv go (default: the project root).")  # fmt: skip
+@device_option()
+@debug_option()
+def main(draws: int, quick: bool, force: bool, data_dir: str | None, seed: int, results_dir: str | None, device: str,
          debug: bool) -> None:  # fmt: skip
     cfg = WorkflowConfig(
         draws=draws, quick=quick, force=force, data_dir=data_dir or None, seed=seed,

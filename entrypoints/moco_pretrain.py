@@ -7,18 +7,12 @@ One CPU or GPU: ``python -m entrypoints.moco_pretrain``. Several processes:
 import click
 import torch.distributed as dist
 
-from fewshot.cli import FewshotCommand, common_options, draw_options
+from fewshot.cli import FewshotCommand, bool_option, common_options, draw_options, output_dir
 from fewshot.models import ENCODERS
 from fewshot.pretrain import M_SCHEDULES, VIEW_PRESETS, PretrainConfig
 from fewshot.pretrain.job import run_pretrain
 
 DEFAULTS = PretrainConfig()
-
-
-def _bool_option(name: str, default: bool, help_text: str):
-    """``--name`` alone means true; ``--name true|false`` as MLproject passes it."""
-    return click.option(name, type=click.BOOL, is_flag=False, flag_value=True, default=default, show_default=True,
-                        help=help_text)  # fmt: skip
 
 
 @click.command(cls=FewshotCommand)
@@ -33,34 +27,27 @@ def _bool_option(name: str, default: bool, help_text: str):
               help="cosine: momentum rises from --moco-m to 1 over the run.")  # fmt: skip
 @click.option("--moco-t", type=float, default=DEFAULTS.moco_t, show_default=True, help="InfoNCE temperature.")
 @click.option("--moco-dim", type=int, default=DEFAULTS.moco_dim, show_default=True, help="Projection dimension.")
-@_bool_option("--mlp", DEFAULTS.mlp, "2-layer MLP projection head (MoCo v2); false: one linear layer (v1).")
-@click.option("--no-mlp", is_flag=True, help="Same as --mlp false.")
-@_bool_option("--symmetric", DEFAULTS.symmetric, "Symmetric loss (both views as queries; twice the cost per image).")
+@bool_option("--mlp", DEFAULTS.mlp, "2-layer MLP projection head (MoCo v2); false: one linear layer (v1).")
+@bool_option("--symmetric", DEFAULTS.symmetric, "Symmetric loss (both views as queries; twice the cost per image).")
 @click.option("--bn-splits", type=int, default=DEFAULTS.bn_splits, show_default=True,
               help="Split batch-norm groups on one process (blocks the BN leak; torchrun uses shuffle-BN).")  # fmt: skip
 @click.option("--augment", type=click.Choice(list(VIEW_PRESETS)), default=DEFAULTS.augment, show_default=True)
 @click.option("--augment-strength", type=float, default=DEFAULTS.augment_strength, show_default=True)
 @click.option("--weight-decay", type=float, default=DEFAULTS.weight_decay, show_default=True)
 @click.option("--warmup-epochs", type=float, default=DEFAULTS.warmup_epochs, show_default=True)
-@click.option("--knn-test/--no-knn-test", default=True, show_default=True,
-              help="Also report the kNN monitor on the 10,000 test images (never used to choose).")  # fmt: skip
-@click.option(
-    "--checkpoint-dir", default="", help="Checkpoints go to DIR/<run name>/last.pt (default checkpoints/moco)."
-)
+@bool_option("--knn-test", True, "Also report the kNN monitor on the 10,000 test images (never used to choose).")
+@click.option("--checkpoint-dir", default="", callback=output_dir,
+              help="Checkpoints go to DIR/<run name>/last.pt (default checkpoints/moco).")  # fmt: skip
 @click.option("--checkpoint-minutes", type=float, default=DEFAULTS.checkpoint_minutes, show_default=True,
               help="Also checkpoint mid-epoch this often (0: only at epoch ends).")  # fmt: skip
 @click.option("--resume", default="auto", show_default=True,
               help="auto: continue this run name's unfinished checkpoint if any; never: start fresh; or a checkpoint path.")  # fmt: skip
-@_bool_option("--register", False, "Register the encoder as a version of fewshot-moco-encoder.")
-@click.option("--no-register", is_flag=True, help="Same as --register false.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@bool_option("--register", False, "Register the encoder as a version of fewshot-moco-encoder.")
+@bool_option("--progress", True, "Progress bar.")
 def main(**opts) -> None:
     draw = draw_options(opts)
     opts.pop("debug")
-    if opts.pop("no_mlp"):
-        opts["mlp"] = False
-    no_register = opts.pop("no_register")
-    register = bool(opts.pop("register")) and not no_register
+    register = opts.pop("register")
     checkpoint_dir = opts.pop("checkpoint_dir") or None
     resume = opts.pop("resume") or "auto"
     run_name = opts.pop("run_name")

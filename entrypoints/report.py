@@ -5,14 +5,15 @@ from pathlib import Path
 import click
 
 from fewshot import report, tracking
-from fewshot.cli import FewshotCommand
+from fewshot.cli import FewshotCommand, debug_option, output_dir
 
 
 @click.command(cls=FewshotCommand)
 @click.option("--parent-run-id", default="", help="The workflow run to report (default: the newest workflow run).")
-@click.option("--out-dir", default="", help="Where results.md and results.csv go (default: the project root).")
-@click.option("--debug", is_flag=True, help="Show tracebacks for user errors.")
-def main(parent_run_id: str, out_dir: str, debug: bool) -> None:
+@click.option("--out-dir", default="", callback=output_dir,
+              help="Where results.md and results.csv go (default: the project root).")  # fmt: skip
+@debug_option()
+def main(parent_run_id: str, out_dir: str | None, debug: bool) -> None:
     tracking.configure()
     parent = parent_run_id or report.latest_workflow_run()
     built = report.build_report(report.step_run_ids(parent), title=f"fewshot results (workflow run {parent})")

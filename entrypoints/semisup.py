@@ -7,18 +7,22 @@ python -m entrypoints.semisup --init ckpt.pt --steps 3000 --threshold flexmatch
 
 import click
 
-from fewshot.cli import FewshotCommand, _empty_to_none, _existing_dir, draw_options
+from fewshot.cli import (
+    FewshotCommand,
+    _existing_dir,
+    bool_option,
+    debug_option,
+    device_option,
+    draw_options,
+    name_in_path,
+    output_dir,
+    seed_option,
+)
 from fewshot.models import ENCODERS
 from fewshot.semisup import OPTIMIZERS, STRONG_PRESETS, TARGET_MODELS, THRESHOLDS, SemisupConfig
 from fewshot.semisup.job import run_semisup
 
 D = SemisupConfig()
-
-
-def _bool_option(name: str, default: bool, help_text: str):
-    """``--name`` alone means true; ``--name true|false`` as MLproject passes it."""
-    return click.option(name, type=click.BOOL, is_flag=False, flag_value=True, default=default, show_default=True,
-                        help=help_text)  # fmt: skip
 
 
 @click.command(cls=FewshotCommand)
@@ -42,7 +46,7 @@ def _bool_option(name: str, default: bool, help_text: str):
 @click.option("--lambda-u", type=float, default=D.lambda_u, show_default=True, help="Weight of the unlabeled loss.")
 @click.option("--threshold", type=click.Choice(THRESHOLDS), default=D.threshold, show_default=True,
               help="fixed: --tau for every class; flexmatch: per-class thresholds from each class's learning status.")  # fmt: skip
-@_bool_option("--dist-align", D.dist_align, "Align weak predictions with the labeled class distribution.")
+@bool_option("--dist-align", D.dist_align, "Align weak predictions with the labeled class distribution.")
 @click.option("--targets", type=click.Choice(TARGET_MODELS), default=D.targets, show_default=True,
               help="Model that labels the weak views: the online model or its EMA.")  # fmt: skip
 @click.option("--ema", type=float, default=D.ema, show_default=True,
@@ -52,29 +56,30 @@ def _bool_option(name: str, default: bool, help_text: str):
 @click.option("--weak-strength", type=float, default=D.weak_strength, show_default=True)
 @click.option("--bar", type=click.FloatRange(0, 1), default=D.bar, show_default=True,
               help="Share of labeled and strong views given a short crossbar (crossed sevens and zeds).")  # fmt: skip
-@_bool_option("--head-warmup", D.head_warmup, "Start from a linear head fitted on the frozen encoder's features.")
+@bool_option("--head-warmup", D.head_warmup, "Start from a linear head fitted on the frozen encoder's features.")
 @click.option("--eval-every", type=int, default=D.eval_every, show_default=True,
               help="Steps between evaluations (and checkpoints).")  # fmt: skip
-@click.option("--eval-test/--no-eval-test", default=D.eval_test, show_default=True,
-              help="Also log test top-1 at every evaluation (monitoring only; nothing is chosen on it).")  # fmt: skip
+@bool_option(
+    "--eval-test", D.eval_test, "Also log test top-1 at every evaluation (monitoring only; nothing is chosen on it)."
+)
 @click.option("--tta-views", type=click.IntRange(0, 64), default=D.tta_views, show_default=True,
               help="Final test scores: mean softmax over the image and this many mildly warped copies (0: off).")  # fmt: skip
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the label draw and the training.")
+@seed_option()
 @click.option("--data-dir", default="", callback=_existing_dir,
               help="Folder with the four MNIST IDX files; default $FEWSHOT_DATA_DIR, else ./data with download.")  # fmt: skip
 @click.option("--labels-per-class", type=click.IntRange(min=2, max=1000), default=10, show_default=True)
 @click.option("--n-labels", type=click.IntRange(min=0, max=30000), default=0, show_default=True,
               help="The report's plain random draw of N labeled images (0: use --labels-per-class).")  # fmt: skip
-@click.option("--run-name", default="", callback=_empty_to_none, help="MLflow run name (and checkpoint folder).")
-@click.option(
-    "--checkpoint-dir", default="", help="Checkpoints go to DIR/<run name>/last.pt (default checkpoints/semisup)."
-)
+@click.option("--run-name", default="", callback=name_in_path,
+              help="MLflow run name (and checkpoint folder: no / or ..).")  # fmt: skip
+@click.option("--checkpoint-dir", default="", callback=output_dir,
+              help="Checkpoints go to DIR/<run name>/last.pt (default checkpoints/semisup).")  # fmt: skip
 @click.option("--resume", default="auto", show_default=True,
               help="auto: continue this run name's unfinished checkpoint if any; never: start fresh; or a checkpoint path.")  # fmt: skip
-@_bool_option("--register", True, "Register the classifier as a version of fewshot-classifier.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--progress/--no-progress", default=True, show_default=True)
-@click.option("--debug", is_flag=True, help="Show tracebacks for user errors.")
+@bool_option("--register", True, "Register the classifier as a version of fewshot-classifier.")
+@device_option()
+@bool_option("--progress", True, "Progress bar.")
+@debug_option()
 def main(**opts) -> None:
     draw = draw_options(opts)
     opts.pop("debug")

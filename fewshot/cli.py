@@ -1,4 +1,5 @@
-"""Shared pieces of the click entry points: common options and one-line errors."""
+"""Shared pieces of the click entry points: common options, boolean options that ``mlflow run``
+can pass (``--name true|false``), checks of strings that become paths, and one-line errors."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ from typing import Any
 import click
 
 from fewshot.errors import UserError
+from fewshot.safe_paths import path_component, writable_dir
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+FALSE_WORDS = ("false", "0", "no", "off", "f", "n")
+SEED = click.IntRange(0, 2**32 - 1)  # what torch and numpy seeding accept
+DEVICES = ["auto", "cpu", "cuda"]
 
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
@@ -30,7 +35,7 @@ class FewshotCommand(click.Command):
 
     def main(self, args: list[str] | None = None, prog_name: str | None = None, **extra: Any) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
-        debug = "--debug" in argv
+        debug = _debug_requested(argv)
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         try:
             result = super().main(argv, prog_name, standalone_mode=False, **extra)
@@ -58,6 +63,69 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _debug_requested(argv: list[str]) -> bool:
+    """``--debug`` or ``--debug true`` (``mlflow run`` passes a value), not ``--debug false``."""
+    if "--debug" not in argv:
+        return False
+    following = argv[argv.index("--debug") + 1 : argv.index("--debug") + 2]
+    return not (following and following[0].lower() in FALSE_WORDS)
+
+
+def bool_option(name: str, default: bool, help_text: str = "") -> Callable:
+    """A boolean option: ``--name`` alone or ``--name true|false`` (how ``mlflow run`` passes
+    it); ``--no-name`` is the same as ``--name false``."""
+    dest = name.lstrip("-").replace("-", "_")
+    negated = f"fewshot.negated.{dest}"
+
+    def remember_negation(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+        if value:
+            ctx.meta[negated] = True
+
+    def resolve(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+        return False if ctx.meta.get(negated) else bool(value)
+
+    def decorate(fn: Callable) -> Callable:
+        # eager: the negation is seen before --name's own value is resolved
+        fn = click.option(f"--no-{name.lstrip('-')}", is_flag=True, expose_value=False, is_eager=True,
+                          callback=remember_negation, help=f"Same as {name} false.")(fn)  # fmt: skip
+        return click.option(name, dest, type=click.BOOL, is_flag=False, flag_value=True, default=default,
+                            show_default=True, callback=resolve, help=help_text)(fn)  # fmt: skip
+
+    return decorate
+
+
+def debug_option() -> Callable:
+    return bool_option("--debug", False, "Show tracebacks for user errors.")
+
+
+def seed_option(help_text: str = "Seed of the label draw and the training.") -> Callable:
+    return click.option("--seed", type=SEED, default=0, show_default=True, help=help_text)
+
+
+def device_option() -> Callable:
+    return click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+
+
+def _user_error_as_bad_parameter(check: Callable[[str, str], str], ctx: click.Context, param: click.Parameter,
+                                 value: Any) -> Any:  # fmt: skip
+    if value in ("", None):
+        return None
+    try:
+        return check(param.opts[0], str(value))
+    except UserError as exc:
+        raise click.UsageError(str(exc), ctx) from exc
+
+
+def name_in_path(ctx: click.Context, param: click.Parameter, value: Any) -> str | None:
+    """Callback: a name that becomes one folder name (run names); empty means None."""
+    return _user_error_as_bad_parameter(path_component, ctx, param, value)
+
+
+def output_dir(ctx: click.Context, param: click.Parameter, value: Any) -> str | None:
+    """Callback: an output folder, created if missing, that must be writable; empty means None."""
+    return _user_error_as_bad_parameter(writable_dir, ctx, param, value)
+
+
 def _empty_to_none(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     return None if value in ("", None) else value
 
@@ -81,7 +149,7 @@ def common_options(epochs: int, lr: float, batch_size: int) -> Callable:
 
     def decorate(fn: Callable) -> Callable:
         options = [
-            click.option("--seed", type=int, default=0, show_default=True, help="Seed of the label draw and the training."),
+            seed_option(),
             click.option("--data-dir", default="", callback=_existing_dir,
                          help="Folder with the four MNIST IDX files (gz or raw); default $FEWSHOT_DATA_DIR, else ./data with download."),
             click.option("--labels-per-class", type=click.IntRange(min=2, max=1000), default=10, show_default=True,
@@ -91,9 +159,10 @@ def common_options(epochs: int, lr: float, batch_size: int) -> Callable:
             click.option("--epochs", type=click.IntRange(min=1, max=100000), default=epochs, show_default=True),
             click.option("--lr", type=click.FloatRange(min=0, min_open=True, max=10), default=lr, show_default=True),
             click.option("--batch-size", type=click.IntRange(min=1, max=65536), default=batch_size, show_default=True),
-            click.option("--run-name", default="", callback=_empty_to_none, help="MLflow run name."),
-            click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
-            click.option("--debug", is_flag=True, help="Show tracebacks for user errors."),
+            click.option("--run-name", default="", callback=name_in_path,
+                         help="MLflow run name (also a folder name: no / or ..)."),
+            device_option(),
+            debug_option(),
         ]  # fmt: skip
         return _apply(options, fn)
 

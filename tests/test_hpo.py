@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from fewshot.data import IDX_FILES, draw_labels, load_mnist
 from fewshot.errors import UserError
-from fewshot.hpo import Budget, HpoConfig, run_hpo
+from fewshot.hpo import Budget, HpoConfig, open_storage, run_hpo
 from fewshot.hpo.folds import LabeledSet, make_splits
 from fewshot.hpo.targets import Outcome
 from fewshot.hpo.trials import TrialRunner
@@ -133,9 +133,10 @@ class ScriptedTarget:
 
 def test_child_run_status_follows_the_trial_state(tracking_store: str) -> None:
     target = ScriptedTarget()
-    study = optuna.create_study(direction="maximize", storage=storage_url(tracking_store), study_name="states")
+    storage = open_storage(storage_url(tracking_store))
+    study = optuna.create_study(direction="maximize", storage=storage, study_name="states")
     with start_run("states-parent", tags={"optuna.study_name": "states", "job": "hpo"}) as parent:
-        runner = TrialRunner(target, parent.run_id, "states")
+        runner = TrialRunner(target, parent.run_id, "states", storage)
         for number in range(3):
             target.number = number
             study.optimize(runner, n_trials=1, catch=(RuntimeError,))

@@ -82,10 +82,9 @@ class HpoConfig:
             raise UserError(f"--folds {self.folds}: use 2 to 20 folds, or 0 for the 75/25 validation split")
         if self.heartbeat_seconds < 1:
             raise UserError(f"--heartbeat {self.heartbeat_seconds}: must be >= 1 second")
-        if self.study_name is not None and not re.fullmatch(r"[A-Za-z0-9_.:@+-]{1,200}", self.study_name):
-            raise UserError(
-                f"--study-name {self.study_name!r}: use up to 200 letters, digits and _ . : @ + - characters"
-            )
+        name = self.study_name
+        if name is not None and (not re.fullmatch(r"[A-Za-z0-9_.:@+-]{1,200}", name) or ".." in name):
+            raise UserError(f"--study-name {name!r}: use up to 200 letters, digits and _ . : @ + - characters (no ..)")
         if self.target == "semisup" and not self.encoder.strip():
             raise UserError("--encoder is empty: --target semisup starts from it; pass its URI or random")
         if self.target == "linear" and not self.encoder.strip():

@@ -7,8 +7,12 @@ the MLflow store) and Optuna's journal file (``journal:///path.log`` or a path e
 A worker killed mid-trial leaves its trial RUNNING. Every storage here records a heartbeat
 for running trials; a trial whose heartbeat is older than the grace period is failed by the
 next worker that starts a trial, and re-queued with the same parameters (at most
-``MAX_RETRY`` times). RDBStorage has this built in; the journal file does not (Optuna 5.0),
-so ``HeartbeatJournalStorage`` adds the same protocol on top of it.
+``MAX_RETRY`` times). RDBStorage has this built in; the journal file does not, so
+``optuna_compat.HeartbeatJournalStorage`` adds the same protocol on top of it.
+
+The journal file is opened exactly as Optuna's own ``JournalFileBackend(path)`` opens it (its
+default lock, ``<path>.lock``), so optuna-dashboard or a user's script on the same file take
+the same lock.
 """
 
 from __future__ import annotations
@@ -24,20 +28,26 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import BaseHeartbeat
-from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-from optuna.trial import FrozenTrial, TrialState
+from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
 
 from fewshot import tracking
 from fewshot.errors import UserError
+from fewshot.hpo.optuna_compat import HeartbeatJournalStorage, StaleCallback
 
-HEARTBEAT_ATTR = "fewshot:heartbeat"
 MAX_RETRY = 2
 GRACE_HEARTBEATS = 3  # a trial whose heartbeat is this many intervals old belongs to a dead worker
 JOURNAL_PREFIX = "journal://"
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
+
+
+@contextlib.contextmanager
+def experimental_ok() -> Iterator[None]:
+    """Silence Optuna's ExperimentalWarning for the calls inside only (heartbeat retry,
+    fail_stale_trials, TPE's multivariate mode): those APIs are what this package chose to use."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
 
 
 def default_storage_url() -> str:
@@ -70,42 +80,6 @@ def describe(url: str) -> str:
     return "journal" if journal_path(url) is not None else url.split(":", 1)[0].split("+", 1)[0]
 
 
-class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
-    """Optuna's journal storage plus the heartbeat protocol RDBStorage has (Optuna's own
-    ``HeartbeatThread`` and ``fail_stale_trials`` drive it): the heartbeat is a trial system
-    attribute holding the writer's wall-clock time."""
-
-    def __init__(
-        self, backend: JournalFileBackend, heartbeat_interval: int, grace_period: int, stale_callback: StaleCallback
-    ) -> None:
-        super().__init__(backend)
-        self._heartbeat_interval = heartbeat_interval
-        self._grace_period = grace_period
-        self._stale_callback = stale_callback
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        now = time.time()
-        stale = []
-        for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            beat = trial.system_attrs.get(HEARTBEAT_ATTR)
-            if beat is not None and now - float(beat) > self._grace_period:
-                stale.append(trial._trial_id)
-        return stale
-
-    def get_heartbeat_interval(self) -> int | None:
-        return self._heartbeat_interval
-
-    def get_heartbeat_stale_trial_callback(self) -> StaleCallback | None:
-        return self._stale_callback
-
-    def get_failed_trial_callback(self) -> StaleCallback | None:
-        return self._stale_callback
-
-
 def open_storage(
     url: str, heartbeat_interval: int = 10, grace_period: int | None = None, on_stale: StaleCallback | None = None
 ) -> BaseStorage:
@@ -116,9 +90,10 @@ def open_storage(
     storage cannot be opened.
     """
     grace = grace_period or GRACE_HEARTBEATS * heartbeat_interval
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+    with experimental_ok():
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
 
-    def stale_callback(study: optuna.Study, trial: FrozenTrial) -> None:
+    def stale_callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         retry(study, trial)
         if on_stale is not None:
             on_stale(study, trial)
@@ -127,7 +102,7 @@ def open_storage(
     try:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path) + ".lock"))
+            backend = JournalFileBackend(str(path))  # Optuna's default lock: every client of the file shares it
             return HeartbeatJournalStorage(backend, heartbeat_interval, grace, stale_callback)
         if url.startswith("sqlite:///"):
             Path(url[len("sqlite:///") :]).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -135,13 +110,14 @@ def open_storage(
         engine_kwargs: dict[str, Any] = (
             {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
         )
-        return RDBStorage(
-            with_driver(url),
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace,
-            heartbeat_stale_trial_callback=stale_callback,
-        )
+        with experimental_ok():
+            return RDBStorage(
+                with_driver(url),
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace,
+                heartbeat_stale_trial_callback=stale_callback,
+            )
     except Exception as exc:  # sqlalchemy / driver / OS errors come in many types
         text = str(exc).strip().splitlines()
         raise UserError(
@@ -157,15 +133,21 @@ def settle_dead_trials(study: optuna.Study, heartbeat_interval: int, echo: Calla
     a study leaves its trial RUNNING, with no worker left to notice."""
     wait = (GRACE_HEARTBEATS + 1) * heartbeat_interval
     deadline = time.monotonic() + wait
-    optuna.storages.fail_stale_trials(study)
+    fail_stale_trials(study)
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     if running:
         echo(f"waiting up to {wait} s for {len(running)} running trial(s) of other workers: a dead worker's "
              "trial is failed and re-queued once its heartbeat is stale")  # fmt: skip
     while running and time.monotonic() < deadline:
         time.sleep(min(1.0, heartbeat_interval))
-        optuna.storages.fail_stale_trials(study)
+        fail_stale_trials(study)
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Optuna's public ``fail_stale_trials`` (experimental): fail and re-queue trials of dead workers."""
+    with experimental_ok():
+        optuna.storages.fail_stale_trials(study)
 
 
 @contextlib.contextmanager

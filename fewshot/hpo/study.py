@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import optuna
+from optuna.storages import BaseStorage
+from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from fewshot import tracking
 from fewshot.data import draw_labels, load_mnist
 from fewshot.device import configure_threads, pick_device
 from fewshot.errors import UserError
+from fewshot.hpo import distributed
 from fewshot.hpo import storage as st
 from fewshot.hpo.config import HpoConfig
 from fewshot.hpo.summary import log_study_summary
@@ -36,7 +39,6 @@ ENCODER_MODEL = MOCO_ENCODER_MODEL
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_FAILURES_IN_A_ROW = 5
 REPORT_ONLY = "report-only: the winner's test score, computed after the search; never seen by the sampler or pruner"
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 @dataclass
@@ -51,6 +53,7 @@ class HpoResult:
     best_trial: int | None = None
     test_metrics: dict[str, float] = field(default_factory=dict)
     registered: tuple[str, str] | None = None  # (version, alias)
+    follower: bool = False  # a torchrun rank other than 0: trained the trials, logged nothing
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:
@@ -61,8 +64,8 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_study(cfg: HpoConfig, url: str, name: str, identity: dict[str, str]) -> tuple[optuna.Study, bool]:
-    """Create the study, or load it and check it was made for the same search. Returns (study, created)."""
+def open_study(cfg: HpoConfig, url: str, name: str, identity: dict[str, str]) -> tuple[optuna.Study, BaseStorage, bool]:
+    """Create the study, or load it and check it was made for the same search. Returns (study, storage, created)."""
     storage = st.open_storage(url, cfg.heartbeat_seconds, on_stale=close_stale_trial_run)
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     created = name not in existing
@@ -70,7 +73,7 @@ def open_study(cfg: HpoConfig, url: str, name: str, identity: dict[str, str]) ->
     if created:
         for key, value in identity.items():
             study.set_user_attr(key, value)
-        return study, True
+        return study, storage, True
     found = {k: str(v) for k, v in study.user_attrs.items() if k in identity}
     differs = [f"{k} {found[k]!r} (now {v!r})" for k, v in identity.items() if k in found and found[k] != v]
     if differs:
@@ -78,57 +81,62 @@ def open_study(cfg: HpoConfig, url: str, name: str, identity: dict[str, str]) ->
             f"--study-name {name}: that study was made with {', '.join(differs)}; rerun with the same options "
             "or pick another --study-name"
         )
-    return study, False
+    return study, storage, False
 
 
 def _sampler(cfg: HpoConfig, study: optuna.Study, created: bool) -> optuna.samplers.BaseSampler:
     """TPE seeded from --seed; a process joining an existing study (another worker, a resume)
     also mixes in its pid, so two workers do not propose the same first trials."""
-    import os
-
     seed = cfg.seed * 1_000_003 + len(study.get_trials(deepcopy=False))
     if not created:
         seed += os.getpid() * 7919
-    return optuna.samplers.TPESampler(seed=seed % (2**32), constant_liar=True, multivariate=True)
+    with st.experimental_ok():  # constant_liar and multivariate are experimental
+        return optuna.samplers.TPESampler(seed=seed % (2**32), constant_liar=True, multivariate=True)
 
 
 def _finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-class StopWhenDone:
-    """Stop this worker when the study holds ``n_trials`` finished trials (all workers
-    together), or after ``MAX_FAILURES_IN_A_ROW`` failed trials of this worker in a row."""
+class StopAfterFailures:
+    """Stop this worker after ``MAX_FAILURES_IN_A_ROW`` failed trials of its own in a row (the
+    study's trial count is Optuna's ``MaxTrialsCallback``)."""
 
-    def __init__(self, n_trials: int) -> None:
-        self.n_trials = n_trials
+    def __init__(self) -> None:
         self.failures_in_a_row = 0
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.failures_in_a_row = self.failures_in_a_row + 1 if trial.state == TrialState.FAIL else 0
-        if _finished(study) >= self.n_trials or self.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+        if self.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
             study.stop()
 
 
 def run_hpo(cfg: HpoConfig, echo=print) -> HpoResult:
     """Run (or resume, or join) a study until it holds ``cfg.n_trials`` finished trials."""
+    from fewshot.pretrain import init_distributed
+
     budget = cfg.validate()
+    rank, world = init_distributed(cfg.device)  # (0, 1) unless started by torchrun
+    distributed.check_target(cfg.target, cfg.n_jobs, world)
     configure_threads()
     device = pick_device(cfg.device)
     mnist = load_mnist(cfg.data_dir)
     draw = draw_labels(mnist.train_labels, cfg.seed, cfg.labels_per_class, cfg.n_labels)
     name = cfg.study_name or f"hpo-{cfg.target}-{time.strftime('%Y%m%d-%H%M%S')}"
     url = cfg.storage or st.default_storage_url()
+    if rank != 0:  # a torchrun follower: trains each trial rank 0 runs, logs nothing
+        ran = distributed.follow(make_target(cfg, mnist, draw, device, budget)) if cfg.n_trials else 0
+        return HpoResult(name, url, None, ran, {}, follower=True)
     with st.init_lock(tracking.tracking_uri(), url):  # fresh SQLite stores are created by one process at a time
         experiment_id = tracking.configure(cfg.experiment)
         # the target loads the encoder: a bad URI fails before any study or run is made
         target = make_target(cfg, mnist, draw, device, budget) if cfg.n_trials else None
-        study, created = open_study(cfg, url, name, cfg.identity(budget))
+        study, storage, created = open_study(cfg, url, name, cfg.identity(budget))
     echo(f"study {name} ({'created' if created else 'resumed'}) in {st.describe(url)} storage "
          f"{tracking.redact(url)}; rerun with --study-name {name} to resume or add workers")  # fmt: skip
     if cfg.n_trials == 0:
         return HpoResult(name, url, None, 0, trial_states(study))
-    study = optuna.load_study(study_name=name, storage=study._storage, sampler=_sampler(cfg, study, created),
+    study = optuna.load_study(study_name=name, storage=storage, sampler=_sampler(cfg, study, created),
                               pruner=make_pruner(cfg.pruner))  # fmt: skip
     close_dead_worker_runs(experiment_id, name)
     tags = {"job": "hpo", "hpo_target": cfg.target, STUDY_TAG: name, WORKER_TAG: worker_id(), "seed": cfg.seed}
@@ -138,11 +146,18 @@ def run_hpo(cfg: HpoConfig, echo=print) -> HpoResult:
                            "pruner_class": type(study.pruner).__name__, "objective": target.measure,
                            "budget_parsed": str(budget), "n_folds_used": len(target.data.splits)})  # fmt: skip
         parent.log_draw(draw, mnist.source)
-        runner = TrialRunner(target, parent.run_id, name)
-        stopper = StopWhenDone(cfg.n_trials)
-        if _finished(study) < cfg.n_trials:
-            study.optimize(runner, n_trials=None, timeout=cfg.timeout or None, n_jobs=cfg.n_jobs,
-                           callbacks=[stopper], catch=(Exception,))  # fmt: skip
+        runner = TrialRunner(target, parent.run_id, name, storage)
+        objective = distributed.LeaderObjective(runner) if world > 1 else runner
+        stopper = StopAfterFailures()
+        try:
+            if _finished(study) < cfg.n_trials:
+                with st.experimental_ok():  # Optuna calls fail_stale_trials (experimental) before each trial
+                    study.optimize(objective, n_trials=None, timeout=cfg.timeout or None, n_jobs=cfg.n_jobs,
+                                   callbacks=[MaxTrialsCallback(cfg.n_trials, states=FINISHED), stopper],
+                                   catch=(Exception,))  # fmt: skip
+        finally:
+            if world > 1:
+                distributed.LeaderObjective.finish()
         st.settle_dead_trials(study, cfg.heartbeat_seconds, echo)
         if stopper.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
             last = runner.failures[-1] if runner.failures else "see the failed trials' runs"

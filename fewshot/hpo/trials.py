@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
-from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial
 
 from fewshot import tracking
+from fewshot.hpo.storage import experimental_ok
 from fewshot.hpo.targets import Outcome, Target
 
 STATE_TAG = "optuna.trial_state"
@@ -42,6 +43,7 @@ class TrialRunner:
     target: Target
     parent_run_id: str
     study_name: str
+    storage: BaseStorage  # the study's storage, as ``open_storage`` returned it
     failures: list[str] = field(default_factory=list)
     started: list[int] = field(default_factory=list)  # trial numbers this runner started (list.append is thread-safe)
 
@@ -49,7 +51,7 @@ class TrialRunner:
         self.started.append(trial.number)
         tags = {"job": "hpo-trial", STUDY_TAG: self.study_name, TRIAL_TAG: trial.number, STATE_TAG: "RUNNING",
                 "hpo_target": self.target.name}  # fmt: skip
-        retry_of = retried_trial_number(trial)
+        retry_of = retried_trial_number(self.storage, self.study_name, trial.number)
         if retry_of is not None:
             tags["optuna.retry_of_trial"] = retry_of
         pruned: optuna.TrialPruned | None = None
@@ -94,10 +96,13 @@ class TrialRunner:
         child.set_tags({STATE_TAG: "COMPLETE"})
 
 
-def retried_trial_number(trial: optuna.Trial) -> int | None:
-    """The trial this one re-runs after its worker died (Optuna 5's Trial has no system_attrs)."""
-    frozen = trial.study._storage.get_trial(trial._trial_id)
-    return RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+def retried_trial_number(storage: BaseStorage, study_name: str, number: int) -> int | None:
+    """The trial this one re-runs after its worker died (Optuna 5's Trial has no system_attrs:
+    the frozen trial is read back through the storage's public lookups)."""
+    study_id = storage.get_study_id_from_name(study_name)
+    frozen = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, number))
+    with experimental_ok():
+        return RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
 
 
 def close_stale_trial_run(study: optuna.Study, trial: FrozenTrial) -> None:

@@ -31,7 +31,11 @@ from tests.synthetic import idx_bytes, synthetic_digits
 
 MOCO = ["--width", "4", "--batch-size", "64", "--moco-k", "128", "--bn-splits", "4", "--epochs", "1",
         "--no-progress"]  # fmt: skip
-B, M, L, H, R, W = "baseline", "moco_pretrain", "linear_eval", "hpo", "report", "main"
+B, M, L, H, R, W, S = "baseline", "moco_pretrain", "linear_eval", "hpo", "report", "main", "semisup"
+SEED_FIX = r"range 0<=x<=4294967295"
+ESCAPE_FIX = r"no / and no \.\."
+UNWRITABLE = r"cannot create or write this folder \(No such file or directory\)"
+WRITE_FIX = r"pass a folder this user can write"
 
 # (id, entry point, arguments, problem named (regex), fix named (regex)); {data}, {bad}, {tmp}
 # are filled in: the synthetic data, the folder of broken inputs, the test's temp folder.
@@ -91,6 +95,31 @@ CASES = [
      r"0123456789abcdef0123456789abcdef", r"--parent-run-id"),
     ("report-no-workflow", R, [], r"no workflow run", r"mlflow run . -e main"),
     ("main-draws-zero", W, ["--draws", "0"], r"--draws.*0", r"range 1<=x"),
+    # seeds, like every other number, on every entry point that takes one
+    *[(f"seed-negative-{e}", e, ["--seed", "-1"], r"--seed.*-1", SEED_FIX) for e in (B, M, L, H, S, W)],
+    ("seed-too-large", B, ["--seed", str(2**32)], r"--seed.*4294967296", SEED_FIX),
+    ("seed-not-a-number", S, ["--seed", "x"], r"--seed.*'x'", r"valid integer"),
+    # strings that become paths: a run name is one folder name under the checkpoint folder
+    *[(f"run-name-escapes-{e}", e, ["--run-name", "../../../../tmp/x"], r"--run-name '\.\./\.\./\.\./\.\./tmp/x' holds",
+       ESCAPE_FIX) for e in (B, M, L, S)],
+    ("run-name-dot-dot", M, ["--run-name", ".."], r"--run-name '\.\.' holds '\.\.'", ESCAPE_FIX),
+    ("run-name-separator", S, ["--run-name", "a/b"], r"--run-name 'a/b' holds a path separator", ESCAPE_FIX),
+    ("hpo-study-name-dot-dot", H, ["--study-name", ".."], r"--study-name '\.\.'", r"letters, digits"),
+    # output folders that cannot be made or written: one line naming the option
+    *[(f"checkpoint-dir-unwritable-{e}", e, ["--checkpoint-dir", "/proc/nope"], r"--checkpoint-dir /proc/nope: " + UNWRITABLE,
+       WRITE_FIX) for e in (B, M, S)],
+    ("checkpoint-dir-is-a-file", M, ["--checkpoint-dir", "{bad}/corrupt.pt"], r"--checkpoint-dir .*corrupt.pt: is a file",
+     r"pass a folder"),
+    ("results-dir-unwritable", W, ["--results-dir", "/proc/nope"], r"--results-dir /proc/nope: " + UNWRITABLE, WRITE_FIX),
+    ("report-out-dir-unwritable", R, ["--out-dir", "/proc/nope"], r"--out-dir /proc/nope: " + UNWRITABLE, WRITE_FIX),
+    ("main-data-dir-missing", W, ["--data-dir", "{tmp}/nowhere"], r"nowhere is not a directory", r"point it at"),
+    ("hpo-sqlite-storage-unwritable", H, ["--n-trials", "0", "--encoder", "{bad}/moco-w4.pt", "--data-dir", "{data}",
+                                          "--storage", "sqlite:////proc/nope/optuna.db"],
+     r"--storage sqlite:////proc/nope/optuna.db: cannot open", r"that this machine can reach"),
+    ("hpo-journal-storage-unwritable", H, ["--n-trials", "0", "--encoder", "{bad}/moco-w4.pt", "--data-dir", "{data}",
+                                           "--storage", "journal:////proc/nope/optuna.log"],
+     r"--storage journal:////proc/nope/optuna.log: cannot open", r"that this machine can reach"),
+    ("bool-not-a-bool", L, ["--refit", "maybe"], r"--refit.*'maybe'", r"not a valid boolean"),
 ]  # fmt: skip
 
 

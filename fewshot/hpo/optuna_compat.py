@@ -1,0 +1,62 @@
+"""The one place that reaches into Optuna below its public API: heartbeats on the journal file.
+
+RDBStorage records trial heartbeats and fails stale trials out of the box. Optuna's journal
+storage does not (checked up to ``CHECKED_OPTUNA``), and the only way to give it the same
+protocol is to implement ``optuna.storages._heartbeat.BaseHeartbeat``, whose abstract method
+``_get_stale_trial_ids`` is private. Optuna's own ``HeartbeatThread`` and the public
+``optuna.storages.fail_stale_trials`` then drive it exactly as they drive RDBStorage.
+
+``tests/test_optuna_compat.py`` asserts the names and signatures used here, and pins the Optuna
+versions they were checked against: a release that changes them fails that test first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+# Optuna releases whose private heartbeat interface this module was read against
+CHECKED_OPTUNA = ("4.9", "5.0", "5.1")
+HEARTBEAT_ATTR = "fewshot:heartbeat"  # trial system attribute: the writer's wall-clock time
+StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
+
+
+class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+    """Optuna's journal storage plus the heartbeat protocol RDBStorage has: a running trial's
+    heartbeat is a trial system attribute; a trial whose heartbeat is older than
+    ``grace_period`` seconds is stale."""
+
+    def __init__(
+        self, backend: JournalFileBackend, heartbeat_interval: int, grace_period: int, stale_callback: StaleCallback
+    ) -> None:
+        super().__init__(backend)
+        self._heartbeat_interval = heartbeat_interval
+        self._grace_period = grace_period
+        self._stale_callback = stale_callback
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        now = time.time()
+        stale = []
+        for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            beat = trial.system_attrs.get(HEARTBEAT_ATTR)
+            if beat is not None and now - float(beat) > self._grace_period:
+                # the storage's own id, found through its public lookup by number
+                stale.append(self.get_trial_id_from_study_id_trial_number(study_id, trial.number))
+        return stale
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self._heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(self) -> StaleCallback | None:
+        return self._stale_callback
