@@ -275,7 +275,14 @@ class Tracker:
         dataset = mlflow.data.from_numpy(
             indices, targets=split, source=source, name=f"mnist-labels-seed{draw.seed}-{draw.digest}"
         )
-        mlflow.log_input(dataset, context="labeled")
+        try:
+            mlflow.log_input(dataset, context="labeled")
+        except MlflowException as exc:
+            # two workers logging the same draw at once on a database server: the loser's insert
+            # of the shared dataset row fails; the row exists now, so a second call links it
+            if not re.search(r"duplicate key|unique constraint|duplicate entry", str(exc), re.IGNORECASE):
+                raise
+            mlflow.log_input(dataset, context="labeled")
         self.set_tags({"draw_digest": draw.digest})
 
     def log_evaluation(self, prefix: str, topk: dict[int, float], matrix: torch.Tensor, title: str) -> None:

@@ -35,7 +35,7 @@ def postgres_bin() -> Path | None:
 
 def _as_cluster_user(folder: Path, sockets: Path) -> list[str]:
     """The command prefix that runs PostgreSQL as a non-root user when we are root (initdb
-    refuses root), after making ``folder`` reachable by that user."""
+    refuses root), after giving that user ``folder``."""
     if os.geteuid() != 0:
         return []
     import pwd
@@ -47,11 +47,17 @@ def _as_cluster_user(folder: Path, sockets: Path) -> list[str]:
     for path in (folder, sockets):
         os.chown(path, user.pw_uid, user.pw_gid)
     os.chmod(folder, 0o755)
-    for parent in folder.parents:  # the cluster user must reach its folder
+    _make_reachable(folder)
+    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups"]
+
+
+def _make_reachable(folder: Path) -> None:
+    """Let the cluster user traverse every parent of ``folder``. Done again before each start:
+    a pytest session starting meanwhile resets its base folder to 0700."""
+    for parent in folder.parents:
         if parent == Path(parent.anchor):
             break
         os.chmod(parent, os.stat(parent).st_mode | 0o011)
-    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups"]
 
 
 @dataclass
@@ -72,6 +78,8 @@ class PostgresServer:
 
     def _pg(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         env = {**os.environ, "LC_ALL": "C", "HOME": str(self.folder)}
+        if self.prefix:
+            _make_reachable(self.folder)
         return subprocess.run(self.prefix + list(args), env=env, capture_output=True, text=True, timeout=timeout)
 
     def init(self) -> None:
@@ -99,7 +107,9 @@ class PostgresServer:
 
     def stop(self, mode: str = "fast") -> None:
         """``fast`` closes every client connection; ``immediate`` is a crash without shutdown."""
-        self._pg(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+        done = self._pg(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+        if done.returncode != 0 and "Is server running?" not in done.stderr:
+            raise RuntimeError(f"pg_ctl stop failed: {done.stderr.strip()[-300:]}")
 
     def create_database(self, name: str) -> None:
         import psycopg2

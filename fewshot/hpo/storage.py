@@ -20,6 +20,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartb
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 
 from fewshot import tracking
 from fewshot.errors import UserError
@@ -135,7 +137,7 @@ def open_storage(
         engine_kwargs: dict[str, Any] = (
             {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
         )
-        return RDBStorage(
+        return _rdb_storage(
             with_driver(url),
             engine_kwargs=engine_kwargs,
             heartbeat_interval=heartbeat_interval,
@@ -149,6 +151,52 @@ def open_storage(
             f"{text[0][:200] if text else ''}); pass a sqlite:///, postgresql://, mysql:// or journal:/// URL "
             "that this machine can reach"
         ) from exc
+
+
+class SteadyHeartbeatRDBStorage(RDBStorage):
+    """RDBStorage whose heartbeat skips a beat while the database server is unreachable.
+    Optuna's heartbeat thread ends at the first error, after which other workers would fail
+    this live trial as stale once the grace period passes, however short the outage was."""
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            super().record_heartbeat(trial_id)
+        except (optuna.exceptions.StorageInternalError, SQLAlchemyError):
+            pass  # the next beat tries again; an outage longer than the grace period still reads as a dead worker
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = super()._get_stale_trial_ids(study_id)
+        return stale + [t for t in self._never_beaten_trial_ids(study_id) if t not in stale]
+
+    def _never_beaten_trial_ids(self, study_id: int) -> list[int]:
+        """RUNNING trials without a single heartbeat, started two grace periods ago: their worker
+        died between creating the trial and its first beat (the database went away right then).
+        Optuna skips trials without a heartbeat, so they would stay RUNNING for ever."""
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        limit = datetime.now() - timedelta(seconds=2 * (self.grace_period or 2 * (self.heartbeat_interval or 0)))
+        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        old = [t._trial_id for t in running if t.datetime_start is not None and t.datetime_start < limit]
+        if not old:
+            return []
+        with _create_scoped_session(self.scoped_session, True) as session:
+            beaten = session.query(models.TrialHeartbeatModel.trial_id).filter(
+                models.TrialHeartbeatModel.trial_id.in_(old)
+            )
+            have_beat = {row[0] for row in beaten}
+        return [trial_id for trial_id in old if trial_id not in have_beat]
+
+
+def _rdb_storage(url: str, **kwargs: Any) -> RDBStorage:
+    """The first worker to reach an empty database creates Optuna's tables; workers on other
+    hosts starting at the same moment collide with it and open it once it is done."""
+    for pause in (1.0, 2.0):
+        try:
+            return SteadyHeartbeatRDBStorage(url, **kwargs)
+        except (IntegrityError, ProgrammingError):  # a duplicate type or table
+            time.sleep(pause)
+    return SteadyHeartbeatRDBStorage(url, **kwargs)
 
 
 def settle_dead_trials(study: optuna.Study, heartbeat_interval: int, echo: Callable[[str], None]) -> None:

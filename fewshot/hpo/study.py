@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from fewshot import tracking
 from fewshot.data import draw_labels, load_mnist
@@ -109,6 +112,21 @@ class StopWhenDone:
             study.stop()
 
 
+@contextlib.contextmanager
+def _storage_outage_stops(url: str, name: str) -> Iterator[None]:
+    """The study's database lost mid-study (a server restart, a network cut): stop this worker
+    with one line. Finished trials are in the storage; rerunning the command rejoins the study,
+    and the trial that was running is retried once its heartbeat goes stale."""
+    try:
+        yield
+    except (optuna.exceptions.StorageInternalError, SQLAlchemyError) as exc:
+        cause = str(exc.__cause__ or exc).strip().splitlines()
+        raise UserError(
+            f"the Optuna storage {tracking.redact(url)} failed mid-study ({cause[0][:200] if cause else type(exc).__name__}); "
+            f"rerun the same command to rejoin study {name}"
+        ) from exc
+
+
 def run_hpo(cfg: HpoConfig, echo=print) -> HpoResult:
     """Run (or resume, or join) a study until it holds ``cfg.n_trials`` finished trials."""
     budget = cfg.validate()
@@ -139,10 +157,11 @@ def run_hpo(cfg: HpoConfig, echo=print) -> HpoResult:
         parent.log_draw(draw, mnist.source)
         runner = TrialRunner(target, parent.run_id, name)
         stopper = StopWhenDone(cfg.n_trials)
-        if _finished(study) < cfg.n_trials:
-            study.optimize(runner, n_trials=None, timeout=cfg.timeout or None, n_jobs=cfg.n_jobs,
-                           callbacks=[stopper], catch=(Exception,))  # fmt: skip
-        st.settle_dead_trials(study, cfg.heartbeat_seconds, echo)
+        with _storage_outage_stops(url, name):
+            if _finished(study) < cfg.n_trials:
+                study.optimize(runner, n_trials=None, timeout=cfg.timeout or None, n_jobs=cfg.n_jobs,
+                               callbacks=[stopper], catch=(Exception,))  # fmt: skip
+            st.settle_dead_trials(study, cfg.heartbeat_seconds, echo)
         if stopper.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
             last = runner.failures[-1] if runner.failures else "see the failed trials' runs"
             raise UserError(f"{MAX_FAILURES_IN_A_ROW} trials failed in a row ({last}); fix the cause and resume")

@@ -34,14 +34,20 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 @pytest.fixture
-def machine(stack: Stack, synthetic_data_dir: Path, tmp_path: Path) -> Callable[..., Machine]:
+def machine(stack: Stack, synthetic_data_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Machine]]:
     """``machine("host-a", experiment="x")``: a client host with its own folder and data copy."""
+
+    made: list[Machine] = []
 
     def make(name: str, experiment: str | None = None) -> Machine:
         extra = {"MLFLOW_EXPERIMENT_NAME": experiment} if experiment else {}
-        return Machine(tmp_path / name, stack.tracking_uri, synthetic_data_dir, extra)
+        made.append(Machine(tmp_path / name, stack.tracking_uri, synthetic_data_dir, extra))
+        return made[-1]
 
-    return make
+    yield make
+    for host in made:  # a failed test leaves no worker behind
+        for job in host.started:
+            job.kill()
 
 
 @pytest.fixture

@@ -207,7 +207,7 @@ class Machine:
     tracking_uri: str
     data_source: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
-    jobs: int = 0
+    started: list[Job] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("tmp", "home"):
@@ -227,12 +227,12 @@ class Machine:
 
     def start(self, *command: str, log_name: str = "") -> Job:
         """Start ``command`` here in a new session (its children die with it); output to a log file."""
-        self.jobs += 1
-        log = self.folder / f"{log_name or 'job'}-{self.jobs}.log"
+        log = self.folder / f"{log_name or 'job'}-{len(self.started) + 1}.log"
         with open(log, "w") as out:
             proc = subprocess.Popen(list(command), cwd=self.folder, env=self.env(), stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        return Job(proc, log)
+        self.started.append(Job(proc, log))
+        return self.started[-1]
 
     def python(self, module: str, *args: str, log_name: str = "") -> Job:
         return self.start(sys.executable, "-m", module, *args, log_name=log_name or module.rsplit(".", 1)[-1])
