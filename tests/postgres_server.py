@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,6 +112,10 @@ class PostgresServer:
         if done.returncode != 0 and "Is server running?" not in done.stderr:
             raise RuntimeError(f"pg_ctl stop failed: {done.stderr.strip()[-300:]}")
 
+    def close(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.folder, ignore_errors=True)
+
     def create_database(self, name: str) -> None:
         import psycopg2
 
@@ -122,9 +127,12 @@ class PostgresServer:
             conn.close()
 
 
-def start_postgres(folder: Path, databases: tuple[str, ...]) -> PostgresServer:
-    """A started server holding ``databases``. Raises PostgresUnavailable, saying why, when
-    Debian's postgresql binaries or psycopg2 are missing or the server does not start."""
+def start_postgres(databases: tuple[str, ...]) -> PostgresServer:
+    """A started server holding ``databases``, its cluster in a fresh folder under the system
+    temp dir: not under pytest's base folder, which a pytest session starting meanwhile resets
+    to 0700, and a running server that cannot reach its files any more PANICs. ``close()``
+    stops it and removes the folder. Raises PostgresUnavailable, saying why, when Debian's
+    postgresql binaries or psycopg2 are missing or the server does not start."""
     bin_dir = postgres_bin()
     if bin_dir is None:
         raise PostgresUnavailable("PostgreSQL binaries not found (apt-get install postgresql; .ci/run does this)")
@@ -132,13 +140,13 @@ def start_postgres(folder: Path, databases: tuple[str, ...]) -> PostgresServer:
         import psycopg2  # noqa: F401
     except ImportError as exc:
         raise PostgresUnavailable("psycopg2 is not installed") from exc
-    server = PostgresServer(bin_dir, folder)
-    server.init()
-    server.start()
+    server = PostgresServer(bin_dir, Path(tempfile.mkdtemp(prefix="fewshot-postgres-")))
     try:
+        server.init()
+        server.start()
         for name in databases:
             server.create_database(name)
     except BaseException:
-        server.stop("immediate")
+        server.close()
         raise
     return server

@@ -103,14 +103,14 @@ class Postgres:
 
 
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
+def postgres() -> Iterator[Postgres]:
     """A throw-away PostgreSQL cluster on 127.0.0.1 holding an ``optuna`` database. Skips,
     saying why, when Debian's postgresql binaries or psycopg2 are absent."""
     try:
-        server = start_postgres(tmp_path_factory.mktemp("postgres"), ("optuna",))
+        server = start_postgres(("optuna",))
     except PostgresUnavailable as exc:
         pytest.skip(str(exc))
     try:
         yield Postgres(url=server.url("optuna"), port=server.port)
     finally:
-        server.stop("immediate")
+        server.close()

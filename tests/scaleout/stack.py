@@ -119,6 +119,7 @@ def tracking_server(folder: Path, backend_uri: str, s3_endpoint: str, workers: i
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
     env.update(MLFLOW_S3_ENDPOINT_URL=s3_endpoint, **S3_KEYS)
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no background job runner: nothing here uses it
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
     return Service("mlflow", command, f"http://127.0.0.1:{port}/health", folder, env)
 
 
@@ -159,7 +160,7 @@ class Stack:
     def close(self) -> None:
         self.server.stop()
         self.s3.stop()
-        self.postgres.stop("immediate")
+        self.postgres.close()
 
 
 def _boto_keys() -> dict[str, str]:
@@ -180,7 +181,7 @@ def start_stack(folder: Path, workers: int = 1) -> Stack:
     check_packages()
     import boto3
 
-    postgres = start_postgres(folder / "postgres", (MLFLOW_DB, OPTUNA_DB))
+    postgres = start_postgres((MLFLOW_DB, OPTUNA_DB))
     s3 = server = None
     try:
         s3 = object_store(folder)
@@ -193,7 +194,7 @@ def start_stack(folder: Path, workers: int = 1) -> Stack:
         for service in (server, s3):
             if service is not None:
                 service.stop()
-        postgres.stop("immediate")
+        postgres.close()
         raise
     return Stack(folder, postgres, s3, server)
 
@@ -201,7 +202,10 @@ def start_stack(folder: Path, workers: int = 1) -> Stack:
 @dataclass
 class Machine:
     """One client host: its own working folder, TMPDIR and HOME, a copy of the data, and only
-    MLFLOW_TRACKING_URI pointing at the server."""
+    MLFLOW_TRACKING_URI pointing at the server. MLflow's telemetry is off, as on an offline
+    cluster: when its client gives up on the unreachable telemetry endpoint it unsets an
+    environment variable that a concurrent request reads (seen: a log_batch failed with
+    KeyError '_MLFLOW_TELEMETRY_SESSION_ID' in benchmarks/tracking_load.py)."""
 
     folder: Path
     tracking_uri: str
@@ -222,7 +226,8 @@ class Machine:
     def env(self) -> dict[str, str]:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.folder / "home"),
                "TMPDIR": str(self.folder / "tmp"), "PYTHONPATH": str(PROJECT_ROOT), "LC_ALL": "C.UTF-8",
-               "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": self.tracking_uri}  # fmt: skip
+               "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": self.tracking_uri,
+               "MLFLOW_DISABLE_TELEMETRY": "true"}  # fmt: skip
         return {**env, **self.extra_env}
 
     def start(self, *command: str, log_name: str = "") -> Job:

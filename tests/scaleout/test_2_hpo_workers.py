@@ -39,27 +39,32 @@ def champion_score(client: MlflowClient) -> float | None:
         return None
 
 
-def running_trial_of(study: optuna.Study, client: MlflowClient, job: Job) -> int | None:
-    """The number of a trial ``job``'s process is running now, its parameters drawn, else None."""
+def running_trial_of(study: optuna.Study, client: MlflowClient, job: Job, pids: dict[str, str]) -> int | None:
+    """The number of a trial ``job``'s process is running now, its parameters drawn, else None.
+    ``pids`` caches each child run's worker pid (one HTTP call per run)."""
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id and trial.params and client.get_run(run_id).data.tags.get("fewshot.pid") == str(job.proc.pid):
+        if run_id and run_id not in pids:
+            pids[run_id] = client.get_run(run_id).data.tags.get("fewshot.pid", "")
+        if run_id and trial.params and pids[run_id] == str(job.proc.pid):
             return trial.number
     return None
 
 
 def kill_mid_trial(study: optuna.Study, client: MlflowClient, job: Job, deadline: float) -> int:
-    """SIGSTOP ``job`` while it runs a trial, check the trial is still running, then SIGKILL it."""
+    """Freeze ``job`` (SIGSTOP); if it is inside a trial, its parameters drawn, SIGKILL it there,
+    else let it go on and look again. Frozen while we look, it cannot finish the trial meanwhile."""
+    pids: dict[str, str] = {}
     while time.monotonic() < deadline:
-        if running_trial_of(study, client, job) is not None:
-            os.kill(job.proc.pid, signal.SIGSTOP)
-            number = running_trial_of(study, client, job)
-            if number is not None and study.trials[number].state == TrialState.RUNNING:
-                job.kill()
-                return number
-            os.kill(job.proc.pid, signal.SIGCONT)
-        assert job.proc.poll() is None, job.output()[-3000:]
-        time.sleep(0.1)
+        assert job.proc.poll() is None, f"the worker finished before it was seen mid-trial (pid {job.proc.pid}, " \
+                                        f"child runs seen: {pids}): {job.output()[-3000:]}"  # fmt: skip
+        os.kill(job.proc.pid, signal.SIGSTOP)
+        number = running_trial_of(study, client, job, pids)
+        if number is not None:
+            job.kill()
+            return number
+        os.kill(job.proc.pid, signal.SIGCONT)
+        time.sleep(0.2)
     raise AssertionError(f"the worker was never seen mid-trial: {job.output()[-3000:]}")
 
 
@@ -131,6 +136,7 @@ def test_two_workers_one_study_through_a_killed_worker_and_a_postgres_restart(st
         if trial.state == TrialState.COMPLETE:
             (child,) = [r for r in children if r.info.run_id == trial.user_attrs["mlflow_run_id"]]
             assert child.info.status == "FINISHED" and child.data.metrics["value"] == trial.value
+    assert client.get_run(trials[killed].user_attrs["mlflow_run_id"]).info.status == "FAILED"
     assert all(r.info.status != "RUNNING" for r in runs), [r.info.run_name for r in runs if r.info.status == "RUNNING"]
 
     versions = client.search_model_versions(f"name = '{MODEL}'")
