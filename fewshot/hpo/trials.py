@@ -29,7 +29,6 @@ STUDY_TAG = "optuna.study_name"
 WORKER_TAG = "fewshot.hpo_worker"  # host:pid of the invocation that owns a parent run
 RUN_ATTR = "mlflow_run_id"  # trial user attribute: the trial's child run
 MODEL_ATTR = "model_uri"  # trial user attribute: the model the trial logged (MoCo encoder)
-PARENT_RUN = "mlflow.parentRunId"
 
 
 def worker_id() -> str:
@@ -115,10 +114,10 @@ def close_stale_trial_run(study: optuna.Study, trial: FrozenTrial) -> None:
     state = tracking.run_state(run_id)
     if state is None:
         return
-    status, tags = state
+    status, _tags = state
     if status == "RUNNING":
         tracking.set_run_status(run_id, "FAILED", note)
-    parent = tags.get(PARENT_RUN)
+    parent = tracking.parent_run_id(run_id)
     parent_state = tracking.run_state(parent) if parent else None
     if parent_state is not None and parent_state[0] == "RUNNING":
         tracking.set_run_status(parent, "FAILED", {"fewshot.failure": f"worker lost during trial {trial.number}"})

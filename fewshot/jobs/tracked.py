@@ -15,6 +15,7 @@ from torch import nn
 from fewshot import tracking
 from fewshot.checkpoints import resolve_resume
 from fewshot.errors import UserError
+from fewshot.safe_paths import path_component
 
 RESUME_CHOICES = ("auto", "never")  # anything else given to --resume is a checkpoint path
 Metrics = dict[str, float]
@@ -42,7 +43,8 @@ class JobStart:
     ) -> JobStart:
         """``resume``: ``auto`` (this run name's unfinished checkpoint under ``checkpoint_dir``, else
         ``default_dir``), ``never`` or a checkpoint path; ``check(state)`` refuses changed settings."""
-        path = Path(checkpoint_dir or default_dir) / run_name / "last.pt"
+        # the run name is a folder under the checkpoint folder: library callers are checked as the CLI is
+        path = Path(checkpoint_dir or default_dir) / path_component("run_name", run_name) / "last.pt"
         state = resolve_resume(resume, path, load, redo_logging=redo_logging)
         if state is not None:
             check(state)
