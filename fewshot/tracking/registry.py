@@ -14,11 +14,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from fewshot.errors import UserError
+from fewshot.names import CHAMPION_ALIAS
 from fewshot.tracking.models import quiet_mlflow
 from fewshot.tracking.queries import param_text
 from fewshot.tracking.store import TRACKING_ENV, check_reachable, first_line, redact, tracking_uri
 
-CHAMPION = "champion"
+CHAMPION = CHAMPION_ALIAS  # one name, defined in fewshot.names
 CHALLENGER = "challenger"
 SCORE_TAG = "val_score"
 
