@@ -6,7 +6,7 @@ workers in parallel; rerun it to resume. --n-trials 0 only creates the study and
 
 import click
 
-from fewshot.cli import FewshotCommand, _empty_to_none, _existing_dir
+from fewshot.cli import FewshotCommand, _empty_to_none, _existing_dir, precision_option
 from fewshot.encoder_source import DEFAULT_ENCODER
 from fewshot.hpo import PRUNERS, TARGETS, HpoConfig, run_hpo
 
@@ -76,6 +76,7 @@ from fewshot.hpo import PRUNERS, TARGETS, HpoConfig, run_hpo
     help="Seconds between trial heartbeats; a trial silent for 3x this long is failed and retried.",
 )
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@precision_option()
 @click.option("--debug", is_flag=True, help="Show tracebacks for user errors.")
 def main(**opts) -> None:  # fmt: skip
     opts.pop("debug")

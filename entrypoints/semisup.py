@@ -7,7 +7,7 @@ python -m entrypoints.semisup --init ckpt.pt --steps 3000 --threshold flexmatch
 
 import click
 
-from fewshot.cli import FewshotCommand, _empty_to_none, _existing_dir, draw_options
+from fewshot.cli import FewshotCommand, _empty_to_none, _existing_dir, draw_options, precision_option
 from fewshot.models import ENCODERS
 from fewshot.semisup import OPTIMIZERS, STRONG_PRESETS, TARGET_MODELS, THRESHOLDS, SemisupConfig, run_semisup
 
@@ -72,6 +72,7 @@ def _bool_option(name: str, default: bool, help_text: str):
               help="auto: continue this run name's unfinished checkpoint if any; never: start fresh; or a checkpoint path.")  # fmt: skip
 @_bool_option("--register", True, "Register the classifier as a version of fewshot-classifier.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@precision_option()
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--debug", is_flag=True, help="Show tracebacks for user errors.")
 def main(**opts) -> None:

@@ -76,6 +76,19 @@ def _existing_dir(ctx: click.Context, param: click.Parameter, value: Any) -> str
     return str(value)
 
 
+PRECISION_HELP = (
+    "auto: bf16 autocast (channels-last) where the device computes bf16 natively (CPU with AMX or "
+    "AVX-512 BF16, CUDA), else fp32; fp32 or bf16 force one. Losses, MoCo queue and EMA stay fp32."
+)
+
+
+def precision_option() -> Callable:
+    from fewshot.device import PRECISIONS
+
+    return click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+                        help=PRECISION_HELP)  # fmt: skip
+
+
 def common_options(epochs: int, lr: float, batch_size: int) -> Callable:
     """Options every entry point shares: seed, data, labels, budget, run name, debug."""
 
@@ -93,6 +106,7 @@ def common_options(epochs: int, lr: float, batch_size: int) -> Callable:
             click.option("--batch-size", type=click.IntRange(min=1, max=65536), default=batch_size, show_default=True),
             click.option("--run-name", default="", callback=_empty_to_none, help="MLflow run name."),
             click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+            precision_option(),
             click.option("--debug", is_flag=True, help="Show tracebacks for user errors."),
         ]  # fmt: skip
         return _apply(options, fn)

@@ -10,7 +10,7 @@ import torch
 from fewshot import plots, tracking
 from fewshot.baseline import LabeledTensors, labeled_tensors
 from fewshot.data import NUM_CLASSES, draw_labels, load_mnist
-from fewshot.device import configure_threads, pick_device, seed_everything
+from fewshot.device import Precision, check_precision, configure_threads, pick_device, seed_everything
 from fewshot.embedding import METHODS as EMBEDDINGS
 from fewshot.embedding import embedding_figure
 from fewshot.encoder_source import DEFAULT_ENCODER, EncoderSource, resolve_encoder
@@ -58,6 +58,7 @@ class LinearEvalConfig:
     n_labels: int | None = None
     run_name: str | None = None
     device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast where the device does bf16 natively, else fp32 (fewshot.device)
     fit: FitConfig = field(default_factory=FitConfig)
 
     def validate(self) -> None:
@@ -87,6 +88,7 @@ class LinearEvalConfig:
             raise UserError(f"--embedding {self.embedding}: choose one of {', '.join(EMBEDDINGS)}")
         if self.probe == "finetune" and self.fit.optimizer == "lbfgs":
             raise UserError("--optimizer lbfgs: L-BFGS has one learning rate for all parameters; fine-tune with adamw")
+        check_precision(self.precision)
         self.fit.validate()
 
     @property
@@ -134,22 +136,24 @@ def run_linear_eval(cfg: LinearEvalConfig) -> dict:
     cfg.validate()
     configure_threads()
     device = pick_device(cfg.device)
+    precision = Precision.choose(cfg.precision, device)
     mnist = load_mnist(cfg.data_dir)
     draw = draw_labels(mnist.train_labels, cfg.seed, cfg.labels_per_class, cfg.n_labels)
     encoder, source = resolve_encoder(cfg.encoder)  # before the run: a bad URI leaves no run behind
     encoder = with_feature_grid(encoder, cfg.grid)
     generator = seed_everything(cfg.seed, device)
     started = time.perf_counter()
-    features = cached_features(encoder, mnist, draw, device)
+    features = cached_features(encoder, mnist, draw, device, precision=precision)
     images = labeled_tensors(mnist, draw, device)
     run_name = cfg.run_name or f"linear_eval-{cfg.probe}-seed{cfg.seed}"
     tags = {"job": "linear_eval", "probe": cfg.probe, "seed": cfg.seed, **source.tags()}
     with tracking.start_run(run_name=run_name, tags=tags) as tracker:
-        tracker.log_params({**cfg.params(), **source.params(), "device": str(device)})
+        tracker.log_params({**cfg.params(), **source.params(), "device": str(device),
+                            "precision_resolved": precision.name})  # fmt: skip
         tracker.log_draw(draw, mnist.source)
         ctx = ProbeContext(
             encoder=encoder, features=features, images=images, settings=cfg.settings(), generator=generator,
-            device=device, mnist=mnist, draw=draw, on_epoch=tracker.epoch_logger(),
+            device=device, mnist=mnist, draw=draw, on_epoch=tracker.epoch_logger(), precision=precision,
         )  # fmt: skip
         result = run_probe(cfg.probe, ctx)  # raises FrozenWeightsChanged if the loaded encoder moved
         tracker.set_tags({"frozen_check": "passed" if result.frozen else "passed (fine-tuned a copy)"})

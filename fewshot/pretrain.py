@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from fewshot import augment as aug
 from fewshot.checkpoints import check_same_settings, load_checked, resolve_resume, save_atomic
 from fewshot.data import MNIST, LabeledDraw, to_unit
-from fewshot.device import pick_device
+from fewshot.device import Precision, check_precision, pick_device, precision_context
 from fewshot.errors import TrainingDiverged, UserError
 from fewshot.evaluate import extract_features, knn_scores
 from fewshot.interrupts import StopAtStepBoundary
@@ -81,6 +81,7 @@ class PretrainConfig:
     labels_per_class: int | None = 10
     n_labels: int | None = None
     device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast where the device does bf16 natively, else fp32 (fewshot.device)
     checkpoint_minutes: float = 10.0
     max_steps_per_epoch: int = 0  # 0: the whole pool each epoch (benchmarks and tests cut it)
     progress: bool = True
@@ -115,6 +116,7 @@ class PretrainConfig:
         need(0 < self.knn_t <= 10, f"--knn-t {self.knn_t}: must be in (0, 10]")
         need(self.checkpoint_minutes >= 0, f"--checkpoint-minutes {self.checkpoint_minutes}: must be >= 0")
         need(self.max_steps_per_epoch >= 0, f"max_steps_per_epoch {self.max_steps_per_epoch}: must be >= 0")
+        check_precision(self.precision)
         check_queue(self.moco_k, self.batch_size, world_size, self.symmetric)
 
     def view_spec(self) -> aug.ViewSpec:
@@ -127,7 +129,7 @@ class PretrainConfig:
     RESUME_KEYS = (
         "arch", "width", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "moco_k", "moco_m",
         "m_schedule", "moco_t", "moco_dim", "mlp", "symmetric", "bn_splits", "augment", "augment_strength",
-        "seed", "labels_per_class", "n_labels", "max_steps_per_epoch",
+        "seed", "labels_per_class", "n_labels", "max_steps_per_epoch", "precision",
     )  # fmt: skip
 
 
@@ -167,10 +169,14 @@ def labeled_for_monitor(mnist: MNIST, draw: LabeledDraw, device: torch.device, w
 
 
 @torch.no_grad()
-def knn_accuracy(encoder: nn.Module, bank_x, bank_y, query_x, query_y, k: int, t: float) -> float:
+def knn_accuracy(
+    encoder: nn.Module, bank_x, bank_y, query_x, query_y, k: int, t: float, precision: Precision | None = None
+) -> float:
+    """Weighted cosine kNN top-1; the features under ``precision``, the votes in fp32."""
     was_training = encoder.training
-    bank = extract_features(encoder, bank_x).float()
-    query = extract_features(encoder, query_x).float()
+    with precision_context(precision):
+        bank = extract_features(encoder, bank_x).float()
+        query = extract_features(encoder, query_x).float()
     encoder.train(was_training)
     scores = knn_scores(bank, bank_y, query, k=k, temperature=t)
     return float((scores.argmax(1) == query_y).float().mean())
@@ -304,6 +310,7 @@ def pretrain(
     if device.type == "cuda" and distributed():
         device = torch.device("cuda", torch.cuda.current_device())
     cuda = device.type == "cuda"
+    precision = Precision.choose(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     order_gen = torch.Generator(device=device).manual_seed(cfg.seed)
     aug_gen = torch.Generator(device=device).manual_seed(_aug_seed(cfg.seed, 0, rank))
@@ -329,7 +336,8 @@ def pretrain(
         backbone, dim=cfg.moco_dim, k=cfg.moco_k, temperature=cfg.moco_t, mlp=cfg.mlp, symmetric=cfg.symmetric,
         bn_splits=1 if world > 1 else cfg.bn_splits, generator=init_gen,
     ).to(device)  # fmt: skip
-    memory_format = torch.channels_last if cuda else torch.contiguous_format
+    # channels-last where the convolutions run bf16 (CUDA, a bf16 CPU); the CPU fp32 path stays NCHW
+    memory_format = torch.channels_last if cuda or precision.bf16 else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.query_parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     spec = cfg.view_spec()
@@ -425,7 +433,7 @@ def pretrain(
                     group["lr"] = lr
                 progress = step / max(1, total_steps - 1)
                 m = cosine_momentum(cfg.moco_m, progress) if cfg.m_schedule == "cosine" else cfg.moco_m
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                with precision.autocast():  # InfoNCE, its logits and the queue stay fp32 (fewshot.moco)
                     loss, logits = net(x1, x2, m, order_gen)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -471,6 +479,7 @@ def pretrain(
                     labeled.y_val,
                     cfg.knn_k,
                     cfg.knn_t,
+                    precision,
                 ),
             }
             if not cuda:
@@ -484,6 +493,7 @@ def pretrain(
                     labeled.y_test,
                     cfg.knn_k,
                     cfg.knn_t,
+                    precision,
                 )
             if evaluate is not None:
                 t_eval = time.perf_counter()
@@ -591,7 +601,8 @@ def run_pretrain(
         already = tracking.logged_steps(tracker.run_id, "loss") if run_id else set()
         if state is None:
             tracker.log_params({**cfg.params(), "world_size": world, "checkpoint": str(path.resolve()),
-                                "n_unlabeled": len(draw.unlabeled_idx)})  # fmt: skip
+                                "n_unlabeled": len(draw.unlabeled_idx),
+                                "precision_resolved": Precision.choose(cfg.precision, pick_device(cfg.device)).name})  # fmt: skip
             tracker.log_draw(draw, mnist.source)
             tracker.log_figure(views_figure(mnist, draw, cfg.view_spec(), cfg.seed), "augmentation/views.png")
         else:

@@ -21,7 +21,7 @@ from torch import nn
 
 from fewshot import augment as aug
 from fewshot.data import MNIST, NUM_CLASSES, LabeledDraw, to_unit
-from fewshot.device import place
+from fewshot.device import Precision, place, precision_context
 from fewshot.evaluate import EVAL_BATCH, extract_features, knn_scores, predict_logits, predict_tta
 from fewshot.models import EncoderClassifier
 from fewshot.train import Augment, EpochCallback, FitConfig, FitResult, fit
@@ -73,19 +73,26 @@ def encode(encoder: nn.Module, images: torch.Tensor, batch_size: int = EVAL_BATC
 
 @torch.no_grad()
 def cached_features(
-    encoder: nn.Module, mnist: MNIST, draw: LabeledDraw, device: torch.device | str, batch_size: int = 1000
+    encoder: nn.Module,
+    mnist: MNIST,
+    draw: LabeledDraw,
+    device: torch.device | str,
+    batch_size: int = 1000,
+    precision: Precision | None = None,
 ) -> FeatureSet:
-    """Features of the 75 train, 25 validation and 10,000 test images, computed once."""
+    """Features of the 75 train, 25 validation and 10,000 test images, computed once (the
+    encoder under ``precision``, the features fp32)."""
     started = time.perf_counter()
     encoder = place(encoder, device).eval()
 
     def features_of(images: torch.Tensor) -> torch.Tensor:
-        return torch.cat(
-            [
-                encode(encoder, to_unit(images[i : i + batch_size], device))
-                for i in range(0, images.shape[0], batch_size)
-            ]
-        )
+        with precision_context(precision):
+            return torch.cat(
+                [
+                    encode(encoder, to_unit(images[i : i + batch_size], device))
+                    for i in range(0, images.shape[0], batch_size)
+                ]
+            )
 
     result = FeatureSet(
         train=features_of(mnist.train_images[draw.train_idx]),
@@ -224,7 +231,10 @@ class FrozenEncoderHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             features = self.encoder(x)
-        return self.head(features)
+        # fp32 island: the head is all that trains here and costs nothing; bf16 (under a caller's
+        # autocast) is for the frozen encoder only
+        with torch.autocast(x.device.type, enabled=False):
+            return self.head(features.float())
 
 
 def train_linear_head_augmented(
@@ -237,12 +247,14 @@ def train_linear_head_augmented(
     generator: torch.Generator,
     on_epoch: EpochCallback | None = None,
     normalize: bool = False,
+    precision: Precision | None = None,
 ) -> tuple[nn.Module, FitResult]:
-    """The linear head trained on features of freshly augmented labeled images each step."""
+    """The linear head trained on features of freshly augmented labeled images each step (the
+    frozen encoder's forward under ``precision``)."""
     head = new_head(features.train, standardize, generator, normalize)
     model = FrozenEncoderHead(encoder, head)
     result = fit(model, (images.x_train, images.y_train), _held_out(images.x_val, images.y_val), cfg, generator,
-                 augment=augment_fn, on_epoch=on_epoch, params=head.parameters())  # fmt: skip
+                 augment=augment_fn, on_epoch=on_epoch, params=head.parameters(), precision=precision)  # fmt: skip
     return fold(head).eval(), result
 
 
@@ -293,6 +305,9 @@ class ProbeContext:
     mnist: MNIST | None = None  # the unlabeled pool, for probes that use it
     draw: LabeledDraw | None = None
     on_epoch: EpochCallback | None = None
+    precision: Precision | None = (
+        None  # of the encoder's forward passes (None: fp32); heads on cached features stay fp32
+    )
 
 
 @dataclass
@@ -330,7 +345,7 @@ def _train_linear(
     if settings.augment:
         return train_linear_head_augmented(
             ctx.encoder, images, features, cfg, settings.standardize, _augmentation(settings), ctx.generator, on_epoch,
-            settings.normalize,
+            settings.normalize, ctx.precision,
         )  # fmt: skip
     return train_linear_head(features, cfg, settings.standardize, ctx.generator, on_epoch, settings.normalize)
 
@@ -377,15 +392,17 @@ def finetune_probe(ctx: ProbeContext) -> ProbeResult:
             "--optimizer lbfgs: L-BFGS has one learning rate for all parameters; fine-tune with adamw or sgd"
         )
     classifier, result = _finetune(ctx, ctx.features, ctx.images, settings.fit, ctx.on_epoch)
-    val_scores = predict_logits(classifier, ctx.images.x_val)
+    with precision_context(ctx.precision):
+        val_scores = predict_logits(classifier, ctx.images.x_val)
     if settings.refit:
         refit_cfg = replace(settings.fit, epochs=result.epochs_run, patience=0)
         classifier, _ = _finetune(ctx, ctx.features.all_labels(), ctx.images.all_labels(), refit_cfg, None)
     seconds = time.perf_counter() - started
     classifier.eval()
-    test_scores = plain = predict_logits(classifier, ctx.images.x_test)
-    if settings.tta_views:
-        test_scores = predict_tta(classifier, ctx.images.x_test, settings.tta_views, ctx.generator, plain)
+    with precision_context(ctx.precision):
+        test_scores = plain = predict_logits(classifier, ctx.images.x_test)
+        if settings.tta_views:
+            test_scores = predict_tta(classifier, ctx.images.x_test, settings.tta_views, ctx.generator, plain)
     return ProbeResult(classifier, classifier.head, val_scores, test_scores, result, seconds, frozen=False,
                        plain_test_scores=plain if settings.tta_views else None)  # fmt: skip
 
@@ -407,7 +424,7 @@ def _finetune(
     ]
     val = _held_out(images.x_val, images.y_val)
     result = fit(classifier, (images.x_train, images.y_train), val, cfg, ctx.generator, augment=_augmentation(settings),
-                 on_epoch=on_epoch, params=groups)  # fmt: skip
+                 on_epoch=on_epoch, params=groups, precision=ctx.precision)  # fmt: skip
     return classifier, result
 
 

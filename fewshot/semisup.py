@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from fewshot import augment as aug
 from fewshot.checkpoints import check_same_settings, load_checked, resolve_resume, save_atomic
 from fewshot.data import MNIST, NUM_CLASSES, LabeledDraw, to_unit
-from fewshot.device import pick_device, place
+from fewshot.device import Precision, check_precision, pick_device, place, precision_context
 from fewshot.encoder_source import DEFAULT_ENCODER
 from fewshot.errors import TrainingDiverged, UserError
 from fewshot.evaluate import predict_logits, predict_tta
@@ -99,6 +99,7 @@ class SemisupConfig:
     labels_per_class: int | None = 10
     n_labels: int | None = None
     device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast where the device does bf16 natively, else fp32 (fewshot.device)
     progress: bool = True
 
     @property
@@ -142,6 +143,7 @@ class SemisupConfig:
         need(0 <= self.weak_strength <= 3, f"--weak-strength {self.weak_strength}: must be between 0 and 3")
         need(self.eval_every >= 1, f"--eval-every {self.eval_every}: must be >= 1 step")
         need(0 <= self.tta_views <= 64, f"--tta-views {self.tta_views}: must be between 0 (off) and 64")
+        check_precision(self.precision)
 
     def strong_spec(self) -> aug.ViewSpec:
         return replace(STRONG_PRESETS[self.strong].scaled(self.strong_strength), bar_probability=self.bar)
@@ -157,6 +159,7 @@ class SemisupConfig:
         "init", "arch", "width", "steps", "epochs", "batch_size", "mu", "optimizer", "lr", "weight_decay",
         "encoder_lr_ratio", "tau", "lambda_u", "threshold", "dist_align", "targets", "ema", "strong",
         "strong_strength", "weak_strength", "bar", "head_warmup", "eval_every", "seed", "labels_per_class", "n_labels",
+        "precision",
     )  # fmt: skip
 
 
@@ -296,6 +299,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
+        # fp32 island: the weights are fp32 whatever the autocast (it lowers op inputs, never the
+        # parameters), and this runs outside it; in bf16 a step of (1 - decay) = 0.1% would round away
         d = min(self.decay, (1 + step) / (10 + step))
         for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
             ema_p.mul_(d).add_(p.detach(), alpha=1 - d)
@@ -336,7 +341,8 @@ def consistency_loss(
         weak_logits = teacher(u_weak)
     pseudo = labeler(weak_logits, pool_positions)
     n = x_labeled.shape[0]
-    logits = model(torch.cat([x_labeled, u_strong]))
+    # fp32 island: the losses from fp32 logits (a no-op cast under fp32; the pseudo-labels too)
+    logits = model(torch.cat([x_labeled, u_strong])).float()
     sup = F.cross_entropy(logits[:n], y_labeled)
     per_image = F.cross_entropy(logits[n:], pseudo.targets, reduction="none")
     unsup = (per_image * pseudo.mask).mean()
@@ -440,10 +446,13 @@ class Monitor:
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, torch.Tensor]:
-    """(top-1, mean cross-entropy, logits) of ``model`` in eval mode."""
+def evaluate_model(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: Precision | None = None
+) -> tuple[float, float, torch.Tensor]:
+    """(top-1, mean cross-entropy, logits) of ``model`` in eval mode (its forward under ``precision``)."""
     was_training = model.training
-    logits = predict_logits(model, x)
+    with precision_context(precision):
+        logits = predict_logits(model, x)
     model.train(was_training)
     return float((logits.argmax(1) == y).float().mean()), float(F.cross_entropy(logits, y)), logits
 
@@ -507,6 +516,7 @@ def train_semisup(
     cfg.validate()
     device = data.x_train.device
     cuda = device.type == "cuda"
+    precision = Precision.choose(cfg.precision, device)
     n_pool, n_labeled = data.pool.shape[0], data.x_train.shape[0]
     unlabeled_batch = cfg.unlabeled_batch
     if n_pool < unlabeled_batch:
@@ -586,7 +596,7 @@ def train_semisup(
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_ratio"]
             teacher = ema.model if (ema is not None and cfg.targets == "ema") else model
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            with precision.autocast():  # losses, pseudo-labels and the EMA stay fp32
                 out = consistency_loss(
                     model, teacher, x_l, data.y_train[labeled], u_weak, u_strong, positions, labeler, cfg.lambda_u
                 )
@@ -611,9 +621,9 @@ def train_semisup(
                         f"{metrics['unsup_loss']}); lower --lr (now {cfg.lr})"
                     )
                 scored = evaluated()
-                metrics["val_acc"], metrics["val_loss"], _ = evaluate_model(scored, data.x_val, data.y_val)
+                metrics["val_acc"], metrics["val_loss"], _ = evaluate_model(scored, data.x_val, data.y_val, precision)
                 if cfg.eval_test and data.x_test is not None:
-                    metrics["test_acc"], _, _ = evaluate_model(scored, data.x_test, data.y_test)
+                    metrics["test_acc"], _, _ = evaluate_model(scored, data.x_test, data.y_test, precision)
                 thresholds = labeler.thresholds()
                 if isinstance(thresholds, torch.Tensor):
                     metrics["threshold_min"] = float(thresholds.min())
@@ -649,12 +659,14 @@ def train_semisup(
 
 def final_test_scores(model: nn.Module, x: torch.Tensor, cfg: SemisupConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(the scores reported, the model's own single-view logits): with ``cfg.tta_views`` the reported
-    scores average mildly warped copies of each image (seeded by ``cfg.seed``), as the CNN baseline's."""
-    plain = predict_logits(model, x)
-    if not cfg.tta_views:
-        return plain, plain
-    generator = torch.Generator(device=x.device).manual_seed(cfg.seed)
-    return predict_tta(model, x, cfg.tta_views, generator, plain), plain
+    scores average mildly warped copies of each image (seeded by ``cfg.seed``), as the CNN baseline's.
+    The model runs under ``cfg.precision``."""
+    with Precision.choose(cfg.precision, x.device).autocast():
+        plain = predict_logits(model, x)
+        if not cfg.tta_views:
+            return plain, plain
+        generator = torch.Generator(device=x.device).manual_seed(cfg.seed)
+        return predict_tta(model, x, cfg.tta_views, generator, plain), plain
 
 
 def encoder_arch(encoder: nn.Module) -> tuple[str, int]:
@@ -696,7 +708,7 @@ def semisup_probe(ctx) -> Any:
     steps = ctx.settings.fit.epochs
     cfg = SemisupConfig(
         init="probe", steps=steps, eval_every=steps, eval_test=False, seed=ctx.draw.seed,
-        progress=ctx.settings.fit.progress,
+        progress=ctx.settings.fit.progress, precision=ctx.precision.name if ctx.precision else "fp32",
     )  # fmt: skip
     data = semisup_data(ctx.mnist, ctx.draw, ctx.device)
     model = prepare_model(cfg, data, ctx.encoder)
@@ -824,6 +836,7 @@ def run_semisup(
         if state is None:
             tracker.log_params({
                 **cfg.params(), **source_params, "device": str(device), "model_arch": arch, "model_width": width,
+                "precision_resolved": Precision.choose(cfg.precision, device).name,
                 "n_unlabeled": len(draw.unlabeled_idx), "total_steps": cfg.total_steps(len(draw.unlabeled_idx)),
                 "unlabeled_batch": cfg.unlabeled_batch, "checkpoint": str(path.resolve()),
             })  # fmt: skip

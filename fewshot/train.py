@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from fewshot.device import Precision, precision_context
 from fewshot.errors import TrainingDiverged, UserError
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "adadelta", "adagrad", "lbfgs")
@@ -169,6 +170,7 @@ def fit(
     on_checkpoint: CheckpointCallback | None = None,
     resume_state: dict | None = None,
     params: Iterable[nn.Parameter] | None = None,
+    precision: Precision | None = None,
 ) -> FitResult:
     """Train ``model`` on ``train`` with early stopping on ``val``; restores the best weights.
 
@@ -177,7 +179,8 @@ def fit(
 
     ``generator`` drives shuffling and augmentation, so a seeded generator gives the same
     run twice on the same CPU. ``on_checkpoint`` receives the full loop state after each
-    epoch; passing it back as ``resume_state`` continues from there.
+    epoch; passing it back as ``resume_state`` continues from there. ``precision`` (None: fp32)
+    lowers the training forward passes; the loss, the weights and the validation stay fp32.
     """
     config.validate()
     x_train, y_train = train
@@ -216,15 +219,17 @@ def fit(
                 loss_.backward()
                 return loss_
 
-            if config.optimizer == "lbfgs":
+            if config.optimizer == "lbfgs":  # fp32 always: the line search compares losses to 1e-4
                 optimizer.step(closure)
                 with torch.no_grad():
                     logits = model(xb)
                     loss = F.cross_entropy(logits, yb)
             else:
                 optimizer.zero_grad(set_to_none=True)
-                logits = model(xb)
-                loss = F.cross_entropy(logits, yb, label_smoothing=config.label_smoothing)
+                with precision_context(precision):
+                    logits = model(xb)
+                # fp32 island: the loss from fp32 logits (a no-op cast under fp32)
+                loss = F.cross_entropy(logits.float(), yb, label_smoothing=config.label_smoothing)
                 loss.backward()
                 optimizer.step()
             scheduler.step()

@@ -58,10 +58,14 @@ class WorkflowConfig:
     run_name: str | None = None
     results_dir: str | None = None  # default: the project root
     device: str = "auto"
+    precision: str = "auto"  # of every step's training and inference (fewshot.device)
 
     def validate(self) -> None:
+        from fewshot.device import check_precision
+
         if not 1 <= self.draws <= 20:
             raise UserError(f"--draws {self.draws}: must be between 1 and 20")
+        check_precision(self.precision)
 
 
 @dataclass
