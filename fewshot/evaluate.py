@@ -82,15 +82,19 @@ def knn_scores(
     n_classes: int = NUM_CLASSES,
     chunk: int = 2048,
 ) -> torch.Tensor:
-    """Class scores of a cosine-similarity kNN with exp(sim / T) weighted votes."""
-    bank = F.normalize(train_features, dim=1)
-    k = min(k, bank.shape[0])
-    scores = []
-    for start in range(0, query_features.shape[0], chunk):
-        q = F.normalize(query_features[start : start + chunk], dim=1)
-        sim, idx = (q @ bank.T).topk(k, dim=1)
-        weights = (sim / temperature).exp()
-        votes = torch.zeros(q.shape[0], n_classes, device=q.device)
-        votes.scatter_add_(1, train_labels[idx], weights)
-        scores.append(votes)
+    """Class scores of a cosine-similarity kNN with exp(sim / T) weighted votes.
+
+    fp32 island: under a caller's autocast too (a kNN head inside a bf16 classifier), since
+    exp(sim / T) at T = 0.1 turns bf16's rounding of a similarity into a 4% change of a vote."""
+    with torch.autocast(query_features.device.type, enabled=False):
+        bank = F.normalize(train_features.float(), dim=1)
+        k = min(k, bank.shape[0])
+        scores = []
+        for start in range(0, query_features.shape[0], chunk):
+            q = F.normalize(query_features[start : start + chunk].float(), dim=1)
+            sim, idx = (q @ bank.T).topk(k, dim=1)
+            weights = (sim / temperature).exp()
+            votes = torch.zeros(q.shape[0], n_classes, device=q.device)
+            votes.scatter_add_(1, train_labels[idx], weights)
+            scores.append(votes)
     return torch.cat(scores)
