@@ -305,9 +305,8 @@ class ProbeContext:
     mnist: MNIST | None = None  # the unlabeled pool, for probes that use it
     draw: LabeledDraw | None = None
     on_epoch: EpochCallback | None = None
-    precision: Precision | None = (
-        None  # of the encoder's forward passes (None: fp32); heads on cached features stay fp32
-    )
+    # the encoder's forward passes (None: fp32); heads trained on cached features stay fp32
+    precision: Precision | None = None
 
 
 @dataclass
