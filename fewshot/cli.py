@@ -15,6 +15,7 @@ import click
 from fewshot.device import PRECISIONS
 from fewshot.errors import UserError
 from fewshot.safe_paths import path_component, writable_dir
+from fewshot.train import SCHEDULES
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -184,7 +185,6 @@ def common_options(epochs: int, lr: float, batch_size: int) -> Callable:
 
 def fit_options(optimizers: Sequence[str]) -> Callable:
     """The training loop's options shared by ``baseline`` and ``linear_eval``."""
-    from fewshot.train import SCHEDULES
 
     def decorate(fn: Callable) -> Callable:
         options = [

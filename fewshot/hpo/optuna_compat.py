@@ -1,4 +1,5 @@
-"""The one place that reaches into Optuna below its public API: heartbeats on the journal file.
+"""The one place that reaches into Optuna below its public API: heartbeats on the journal file,
+and on a database server that goes away for a moment.
 
 RDBStorage records trial heartbeats and fails stale trials out of the box. Optuna's journal
 storage does not (checked up to ``CHECKED_OPTUNA``), and the only way to give it the same
@@ -15,12 +16,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta
 
 import optuna
-from optuna.storages import JournalStorage
+from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 # Optuna releases whose private heartbeat interface this module was read against
 CHECKED_OPTUNA = ("4.9", "5.0", "5.1")
@@ -60,3 +63,38 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
 
     def get_heartbeat_stale_trial_callback(self) -> StaleCallback | None:
         return self._stale_callback
+
+
+class SteadyHeartbeatRDBStorage(RDBStorage):
+    """RDBStorage whose heartbeat skips a beat while the database server is unreachable.
+    Optuna's heartbeat thread ends at the first error, after which other workers would fail
+    this live trial as stale once the grace period passes, however short the outage was."""
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            super().record_heartbeat(trial_id)
+        except (optuna.exceptions.StorageInternalError, SQLAlchemyError):
+            pass  # the next beat tries again; an outage longer than the grace period still reads as a dead worker
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = super()._get_stale_trial_ids(study_id)
+        return stale + [t for t in self._never_beaten_trial_ids(study_id) if t not in stale]
+
+    def _never_beaten_trial_ids(self, study_id: int) -> list[int]:
+        """RUNNING trials without a single heartbeat, started two grace periods ago: their worker
+        died between creating the trial and its first beat (the database went away right then).
+        Optuna skips trials without a heartbeat, so they would stay RUNNING for ever."""
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        limit = datetime.now() - timedelta(seconds=2 * (self.grace_period or 2 * (self.heartbeat_interval or 0)))
+        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        old = [t._trial_id for t in running if t.datetime_start is not None and t.datetime_start < limit]
+        if not old:
+            return []
+        with _create_scoped_session(self.scoped_session, True) as session:
+            beaten = session.query(models.TrialHeartbeatModel.trial_id).filter(
+                models.TrialHeartbeatModel.trial_id.in_(old)
+            )
+            have_beat = {row[0] for row in beaten}
+        return [trial_id for trial_id in old if trial_id not in have_beat]

@@ -31,10 +31,11 @@ import optuna
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
+from sqlalchemy.exc import IntegrityError, ProgrammingError
 
 from fewshot import tracking
 from fewshot.errors import UserError
-from fewshot.hpo.optuna_compat import HeartbeatJournalStorage, StaleCallback
+from fewshot.hpo.optuna_compat import HeartbeatJournalStorage, StaleCallback, SteadyHeartbeatRDBStorage
 
 MAX_RETRY = 2
 GRACE_HEARTBEATS = 3  # a trial whose heartbeat is this many intervals old belongs to a dead worker
@@ -111,7 +112,7 @@ def open_storage(
             {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
         )
         with experimental_ok():
-            return RDBStorage(
+            return _rdb_storage(
                 with_driver(url),
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=heartbeat_interval,
@@ -125,6 +126,17 @@ def open_storage(
             f"{text[0][:200] if text else ''}); pass a sqlite:///, postgresql://, mysql:// or journal:/// URL "
             "that this machine can reach"
         ) from exc
+
+
+def _rdb_storage(url: str, **kwargs: Any) -> RDBStorage:
+    """The first worker to reach an empty database creates Optuna's tables; workers on other
+    hosts starting at the same moment collide with it and open it once it is done."""
+    for pause in (1.0, 2.0):
+        try:
+            return SteadyHeartbeatRDBStorage(url, **kwargs)
+        except (IntegrityError, ProgrammingError):  # a duplicate type or table
+            time.sleep(pause)
+    return SteadyHeartbeatRDBStorage(url, **kwargs)
 
 
 def settle_dead_trials(study: optuna.Study, heartbeat_interval: int, echo: Callable[[str], None]) -> None:

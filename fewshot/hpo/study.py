@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import optuna
 from optuna.storages import BaseStorage
 from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from fewshot import tracking
 from fewshot.data import draw_labels, load_mnist
@@ -34,6 +37,7 @@ from fewshot.hpo.trials import (
     worker_id,
 )
 from fewshot.names import MOCO_ENCODER_MODEL
+from fewshot.pretrain import init_distributed
 
 ENCODER_MODEL = MOCO_ENCODER_MODEL
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -111,10 +115,23 @@ class StopAfterFailures:
             study.stop()
 
 
+@contextlib.contextmanager
+def _storage_outage_stops(url: str, name: str) -> Iterator[None]:
+    """The study's database lost mid-study (a server restart, a network cut): stop this worker
+    with one line. Finished trials are in the storage; rerunning the command rejoins the study,
+    and the trial that was running is retried once its heartbeat goes stale."""
+    try:
+        yield
+    except (optuna.exceptions.StorageInternalError, SQLAlchemyError) as exc:
+        cause = str(exc.__cause__ or exc).strip().splitlines()
+        raise UserError(
+            f"the Optuna storage {tracking.redact(url)} failed mid-study ({cause[0][:200] if cause else type(exc).__name__}); "
+            f"rerun the same command to rejoin study {name}"
+        ) from exc
+
+
 def run_hpo(cfg: HpoConfig, echo=print) -> HpoResult:
     """Run (or resume, or join) a study until it holds ``cfg.n_trials`` finished trials."""
-    from fewshot.pretrain import init_distributed
-
     budget = cfg.validate()
     rank, world = init_distributed(cfg.device)  # (0, 1) unless started by torchrun
     distributed.check_target(cfg.target, cfg.n_jobs, world)
@@ -149,16 +166,17 @@ def run_hpo(cfg: HpoConfig, echo=print) -> HpoResult:
         runner = TrialRunner(target, parent.run_id, name, storage)
         objective = distributed.LeaderObjective(runner) if world > 1 else runner
         stopper = StopAfterFailures()
-        try:
-            if _finished(study) < cfg.n_trials:
-                with st.experimental_ok():  # Optuna calls fail_stale_trials (experimental) before each trial
-                    study.optimize(objective, n_trials=None, timeout=cfg.timeout or None, n_jobs=cfg.n_jobs,
-                                   callbacks=[MaxTrialsCallback(cfg.n_trials, states=FINISHED), stopper],
-                                   catch=(Exception,))  # fmt: skip
-        finally:
-            if world > 1:
-                distributed.LeaderObjective.finish()
-        st.settle_dead_trials(study, cfg.heartbeat_seconds, echo)
+        with _storage_outage_stops(url, name):
+            try:
+                if _finished(study) < cfg.n_trials:
+                    with st.experimental_ok():  # Optuna calls fail_stale_trials (experimental) before each trial
+                        study.optimize(objective, n_trials=None, timeout=cfg.timeout or None, n_jobs=cfg.n_jobs,
+                                       callbacks=[MaxTrialsCallback(cfg.n_trials, states=FINISHED), stopper],
+                                       catch=(Exception,))  # fmt: skip
+            finally:
+                if world > 1:
+                    distributed.LeaderObjective.finish()
+            st.settle_dead_trials(study, cfg.heartbeat_seconds, echo)
         if stopper.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
             last = runner.failures[-1] if runner.failures else "see the failed trials' runs"
             raise UserError(f"{MAX_FAILURES_IN_A_ROW} trials failed in a row ({last}); fix the cause and resume")

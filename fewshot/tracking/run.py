@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import time
@@ -21,6 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from fewshot import plots
+from fewshot.evaluate import per_class_accuracy
 from fewshot.tracking.models import log_torch_model
 from fewshot.tracking.queries import HOST_TAG, PID_TAG, param_text, reap_dead_runs
 from fewshot.tracking.store import PROJECT_ROOT, configure, redact, tracking_uri
@@ -127,13 +129,18 @@ class Tracker:
             dataset = mlflow.data.from_numpy(
                 indices, targets=split, source=source, name=f"mnist-labels-seed{draw.seed}-{draw.digest}"
             )
-            mlflow.log_input(dataset, context="labeled")
+            try:
+                mlflow.log_input(dataset, context="labeled")
+            except MlflowException as exc:
+                # two workers logging the same draw at once on a database server: the loser's insert
+                # of the shared dataset row fails; the row exists now, so a second call links it
+                if not re.search(r"duplicate key|unique constraint|duplicate entry", str(exc), re.IGNORECASE):
+                    raise
+                mlflow.log_input(dataset, context="labeled")
         self.set_tags({"draw_digest": draw.digest})
 
     def log_evaluation(self, prefix: str, topk: dict[int, float], matrix: torch.Tensor, title: str) -> None:
         """Top-1..5, per-class accuracy and the confusion matrix (PNG and CSV)."""
-        from fewshot.evaluate import per_class_accuracy
-
         self.log_metrics({f"{prefix}_top{k}": v for k, v in topk.items()})
         per_class = per_class_accuracy(matrix)
         self.log_metrics({f"{prefix}_acc_class{d}": float(a) for d, a in enumerate(per_class)})

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import PROJECT_ROOT
+from tests.postgres_server import PostgresUnavailable, start_postgres
 
 TIMING_KEYS = {"images_per_s", "elapsed_s", "augment_share", "evaluate_s", "wall_seconds", "head_seconds"}
 
@@ -102,74 +102,15 @@ class Postgres:
     port: int
 
 
-def _postgres_bin() -> Path | None:
-    for folder in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
-        if (folder / "initdb").is_file() and (folder / "pg_ctl").is_file():
-            return folder
-    found = shutil.which("initdb")
-    return Path(found).parent if found and shutil.which("pg_ctl") else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
-    """A throw-away PostgreSQL cluster on 127.0.0.1, run as a non-root user when we are root
-    (initdb refuses root). Skips, saying why, when Debian's postgresql binaries are absent."""
-    bin_dir = _postgres_bin()
-    if bin_dir is None:
-        pytest.skip("PostgreSQL binaries not found (apt-get install postgresql; .ci/run does this)")
+def postgres() -> Iterator[Postgres]:
+    """A throw-away PostgreSQL cluster on 127.0.0.1 holding an ``optuna`` database. Skips,
+    saying why, when Debian's postgresql binaries or psycopg2 are absent."""
     try:
-        import psycopg2  # noqa: F401
-    except ImportError:
-        pytest.skip("psycopg2 is not installed")
-    folder = tmp_path_factory.mktemp("postgres")
-    data, sockets = folder / "data", folder / "sock"
-    sockets.mkdir()
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        import pwd
-
-        try:
-            user = pwd.getpwnam("postgres")
-        except KeyError:
-            user = pwd.getpwnam("nobody")
-        for path in (folder, sockets):
-            os.chown(path, user.pw_uid, user.pw_gid)
-        os.chmod(folder, 0o755)
-        for parent in folder.parents:  # the cluster user must reach its folder
-            if parent == Path(parent.anchor):
-                break
-            os.chmod(parent, os.stat(parent).st_mode | 0o011)
-        prefix = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups"]
-    password_file = folder / "pw"
-    password_file.write_text("s3cret-pw\n")
-    os.chmod(password_file, 0o644)
-    env = {**os.environ, "LC_ALL": "C", "HOME": str(folder)}
-
-    def pg(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(prefix + list(args), env=env, capture_output=True, text=True, timeout=timeout)
-
-    done = pg(str(bin_dir / "initdb"), "-D", str(data), "-U", "fewshot", "-A", "scram-sha-256",
-              f"--pwfile={password_file}", "--no-sync", "-E", "UTF8")  # fmt: skip
-    if done.returncode != 0:
-        pytest.skip(f"initdb failed: {done.stderr.strip()[-300:]}")
-    port = _free_port()
-    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {sockets} -c fsync=off -c max_connections=60"
-    done = pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start")
-    if done.returncode != 0:
-        pytest.skip(f"pg_ctl start failed: {done.stderr.strip()[-300:]} {(folder / 'log').read_text()[-300:]}")
+        server = start_postgres(("optuna",))
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
     try:
-        import psycopg2
-
-        conn = psycopg2.connect(host="127.0.0.1", port=port, user="fewshot", password="s3cret-pw", dbname="postgres")
-        conn.autocommit = True
-        conn.cursor().execute("CREATE DATABASE optuna")
-        conn.close()
-        yield Postgres(url=f"postgresql://fewshot:s3cret-pw@127.0.0.1:{port}/optuna", port=port)
+        yield Postgres(url=server.url("optuna"), port=server.port)
     finally:
-        pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        server.close()
