@@ -9,7 +9,15 @@ every process (rank 0 owns the study and the MLflow runs).
 import click
 import torch.distributed as dist
 
-from fewshot.cli import FewshotCommand, _empty_to_none, _existing_dir, debug_option, device_option, seed_option
+from fewshot.cli import (
+    FewshotCommand,
+    _empty_to_none,
+    _existing_dir,
+    debug_option,
+    device_option,
+    precision_option,
+    seed_option,
+)
 from fewshot.encoder_source import DEFAULT_ENCODER
 from fewshot.hpo import PRUNERS, TARGETS, HpoConfig, run_hpo
 
@@ -79,6 +87,7 @@ from fewshot.hpo import PRUNERS, TARGETS, HpoConfig, run_hpo
     help="Seconds between trial heartbeats; a trial silent for 3x this long is failed and retried.",
 )
 @device_option()
+@precision_option()
 @debug_option()
 def main(**opts) -> None:  # fmt: skip
     opts.pop("debug")

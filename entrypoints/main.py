@@ -2,7 +2,16 @@
 
 import click
 
-from fewshot.cli import FewshotCommand, _existing_dir, bool_option, debug_option, device_option, output_dir, seed_option
+from fewshot.cli import (
+    FewshotCommand,
+    _existing_dir,
+    bool_option,
+    debug_option,
+    device_option,
+    output_dir,
+    precision_option,
+    seed_option,
+)
 from fewshot.workflow import WorkflowConfig, run_workflow
 from fewshot.workflow_steps import build_steps
 
@@ -17,12 +26,13 @@ from fewshot.workflow_steps import build_steps
 @click.option("--results-dir", default="", callback=output_dir,
               help="Where results.md / results.csv go (default: the project root).")  # fmt: skip
 @device_option()
+@precision_option()
 @debug_option()
 def main(draws: int, quick: bool, force: bool, data_dir: str | None, seed: int, results_dir: str | None, device: str,
-         debug: bool) -> None:  # fmt: skip
+         precision: str, debug: bool) -> None:  # fmt: skip
     cfg = WorkflowConfig(
         draws=draws, quick=quick, force=force, data_dir=data_dir or None, seed=seed,
-        results_dir=results_dir or None, device=device,
+        results_dir=results_dir or None, device=device, precision=precision,
     )  # fmt: skip
     result = run_workflow(cfg, build_steps, echo=lambda line: click.echo(line, err=True))
     click.echo(result.markdown)

@@ -16,6 +16,7 @@ from fewshot.cli import (
     draw_options,
     name_in_path,
     output_dir,
+    precision_option,
     seed_option,
 )
 from fewshot.models import ENCODERS
@@ -78,6 +79,7 @@ D = SemisupConfig()
               help="auto: continue this run name's unfinished checkpoint if any; never: start fresh; or a checkpoint path.")  # fmt: skip
 @bool_option("--register", True, "Register the classifier as a version of fewshot-classifier.")
 @device_option()
+@precision_option()
 @bool_option("--progress", True, "Progress bar.")
 @debug_option()
 def main(**opts) -> None:

@@ -13,7 +13,7 @@ import torch
 from fewshot import augment as aug
 from fewshot import plots, tracking
 from fewshot.data import LabeledTensors, draw_labels, labeled_tensors, load_mnist
-from fewshot.device import configure_threads, pick_device, place, seed_everything
+from fewshot.device import Precision, check_precision, configure_threads, pick_device, place, seed_everything
 from fewshot.errors import UserError
 from fewshot.evaluate import evaluate_split
 from fewshot.models import CLASSIFIERS, build_classifier
@@ -34,6 +34,7 @@ class BaselineConfig:
     run_name: str | None = None
     experiment: str | None = None
     device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast where the device does bf16 natively, else fp32 (fewshot.device)
     fit: FitConfig = field(default_factory=FitConfig)
 
     def validate(self) -> None:
@@ -44,6 +45,7 @@ class BaselineConfig:
             raise UserError(f"--augment-strength {self.augment_strength}: must be between 0 and 3")
         if not 0 <= self.tta_views <= 64:
             raise UserError(f"--tta-views {self.tta_views}: must be between 0 (off) and 64")
+        check_precision(self.precision)
         self.fit.validate()
 
     def params(self) -> dict:
@@ -61,6 +63,7 @@ def run_baseline(cfg: BaselineConfig, checkpoint_dir: str | Path | None = None) 
     cfg.validate()
     configure_threads()
     device = pick_device(cfg.device)
+    precision = Precision.choose(cfg.precision, device)
     mnist = load_mnist(cfg.data_dir)
     draw = draw_labels(mnist.train_labels, cfg.seed, cfg.labels_per_class, cfg.n_labels)
     generator = seed_everything(cfg.seed, device)
@@ -75,7 +78,8 @@ def run_baseline(cfg: BaselineConfig, checkpoint_dir: str | Path | None = None) 
     tags = {"job": "baseline", "model": cfg.model, "seed": cfg.seed}
     started = time.perf_counter()
     with tracking.start_run(run_name=run_name, experiment=cfg.experiment, tags=tags) as tracker:
-        tracker.log_params({**cfg.params(), "device": str(device), "n_train": x_train.shape[0]})
+        tracker.log_params({**cfg.params(), "device": str(device), "n_train": x_train.shape[0],
+                            "precision_resolved": precision.name})  # fmt: skip
         tracker.log_draw(draw, mnist.source)
         if cfg.augment != "none":
             shown = augment_fn or (lambda x, g: random_report_transform(x, g))
@@ -87,7 +91,7 @@ def run_baseline(cfg: BaselineConfig, checkpoint_dir: str | Path | None = None) 
             )
         result = fit(
             model, (x_train, y_train), (data.x_val, data.y_val), cfg.fit, generator,
-            augment=augment_fn, on_epoch=tracker.epoch_logger(),
+            augment=augment_fn, on_epoch=tracker.epoch_logger(), precision=precision,
         )  # fmt: skip
         val_topk, _ = evaluate_split(model, data.x_val, data.y_val)
         tracker.log_metrics({f"val_top{k}": v for k, v in val_topk.items()})
@@ -97,9 +101,10 @@ def run_baseline(cfg: BaselineConfig, checkpoint_dir: str | Path | None = None) 
             "evaluation/learning_curves.png",
         )
         if cfg.refit:
-            model = refit_on_all_labels(cfg, data, result.epochs_run, generator, augment_fn, tracker)
-        test_topk, test_matrix = evaluate_split(model, data.x_test, data.y_test, cfg.tta_views, cfg.seed)
-        plain_top1 = evaluate_split(model, data.x_test, data.y_test)[0][1] if cfg.tta_views else test_topk[1]
+            model = refit_on_all_labels(cfg, data, result.epochs_run, generator, augment_fn, tracker, precision)
+        test_topk, test_matrix = evaluate_split(model, data.x_test, data.y_test, cfg.tta_views, cfg.seed, precision)
+        plain_top1 = (evaluate_split(model, data.x_test, data.y_test, precision=precision)[0][1] if cfg.tta_views
+                      else test_topk[1])  # fmt: skip
         tracker.log_metrics({"test_plain_top1": plain_top1})
         wall = time.perf_counter() - started
         tracker.log_evaluation("test", test_topk, test_matrix, f"{cfg.model}, seed {cfg.seed}: test confusion")
@@ -120,6 +125,7 @@ def refit_on_all_labels(
     generator: torch.Generator,
     augment_fn,
     tracker: tracking.Tracker,
+    precision: Precision | None = None,
 ) -> torch.nn.Module:
     """Retrain a fresh model on train + validation images for as many epochs as the early-stopped
     run trained; the 25 validation labels have chosen the length, now they also teach."""
@@ -129,7 +135,8 @@ def refit_on_all_labels(
         x, y = aug.offline_expand(x, y, generator)
     model = place(build_classifier(cfg.model), x.device)
     refit_cfg = replace(cfg.fit, epochs=epochs, patience=0)
-    fit(model, (x, y), None, refit_cfg, generator, augment=augment_fn, on_epoch=tracker.epoch_logger("refit_"))
+    fit(model, (x, y), None, refit_cfg, generator, augment=augment_fn, on_epoch=tracker.epoch_logger("refit_"),
+        precision=precision)  # fmt: skip
     return model
 
 

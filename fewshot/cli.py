@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from fewshot.device import PRECISIONS
 from fewshot.errors import UserError
 from fewshot.safe_paths import path_component, writable_dir
 from fewshot.train import SCHEDULES
@@ -107,6 +108,17 @@ def device_option() -> Callable:
     return click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 
 
+PRECISION_HELP = (
+    "auto: bf16 autocast (channels-last) where the device computes bf16 natively (CPU with AMX or "
+    "AVX-512 BF16, CUDA), else fp32; fp32 or bf16 force one. Losses, MoCo queue and EMA stay fp32."
+)
+
+
+def precision_option() -> Callable:
+    return click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+                        help=PRECISION_HELP)  # fmt: skip
+
+
 def _user_error_as_bad_parameter(check: Callable[[str, str], str], ctx: click.Context, param: click.Parameter,
                                  value: Any) -> Any:  # fmt: skip
     if value in ("", None):
@@ -146,7 +158,7 @@ def _existing_dir(ctx: click.Context, param: click.Parameter, value: Any) -> str
 
 
 def common_options(epochs: int, lr: float, batch_size: int) -> Callable:
-    """Options every entry point shares: seed, data, labels, budget, run name, debug."""
+    """Options every entry point shares: seed, data, labels, budget, run name, device, precision, debug."""
 
     def decorate(fn: Callable) -> Callable:
         options = [
@@ -163,6 +175,7 @@ def common_options(epochs: int, lr: float, batch_size: int) -> Callable:
             click.option("--run-name", default="", callback=name_in_path,
                          help="MLflow run name (also a folder name: no / or ..)."),
             device_option(),
+            precision_option(),
             debug_option(),
         ]  # fmt: skip
         return _apply(options, fn)

@@ -12,6 +12,7 @@ from torch import nn
 
 from fewshot.augment import TTA_SPEC, random_affine
 from fewshot.data import NUM_CLASSES
+from fewshot.device import Precision, precision_context
 
 
 def topk_accuracy(
@@ -49,8 +50,10 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
+    """Outputs of ``model`` in eval mode, batch by batch. Under a caller's bf16 autocast the forward
+    runs in bf16 and the outputs come back fp32 (softmax, kNN votes and top-k read them)."""
     model.eval()
-    return torch.cat([model(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+    return torch.cat([model(x[i : i + batch_size]).float() for i in range(0, x.shape[0], batch_size)])
 
 
 @torch.no_grad()
@@ -59,10 +62,15 @@ def predict_tta(
 ) -> torch.Tensor:
     """Test-time augmentation: the log of the mean softmax over ``x`` and ``views`` mildly warped
     copies of it (the default affine at half strength), usable wherever logits are. ``plain``: the
-    model's logits on ``x`` when the caller already has them (saves one pass)."""
+    model's logits on ``x`` when the caller already has them (saves one pass). The warps and the
+    mean are fp32 under any autocast (``predict_logits`` hands back fp32)."""
     probs = (predict_logits(model, x) if plain is None else plain).softmax(1)
     for _ in range(views):
-        probs += predict_logits(model, random_affine(x, TTA_SPEC, generator)).softmax(1)
+        # fp32 island: under autocast the warp's sampling grid (a batched matmul) would be bf16,
+        # off by up to 0.06 in pixel intensity; the warp is made as in fp32, only the model is lowered
+        with torch.autocast(x.device.type, enabled=False):
+            warped = random_affine(x, TTA_SPEC, generator)
+        probs += predict_logits(model, warped).softmax(1)
     return (probs / (views + 1)).log()
 
 
@@ -72,13 +80,20 @@ def extract_features(encoder: nn.Module, x: torch.Tensor, batch_size: int = EVAL
 
 
 def evaluate_split(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, tta_views: int = 0, seed: int = 0
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    tta_views: int = 0,
+    seed: int = 0,
+    precision: Precision | None = None,
 ) -> tuple[dict[int, float], torch.Tensor]:
-    """Top-k and confusion matrix; with ``tta_views``, of the test-time-augmented predictions."""
-    if tta_views:
-        logits = predict_tta(model, x, tta_views, torch.Generator(x.device).manual_seed(seed))
-    else:
-        logits = predict_logits(model, x)
+    """Top-k and confusion matrix; with ``tta_views``, of the test-time-augmented predictions (the
+    model's forward under ``precision``, None: fp32)."""
+    with precision_context(precision):
+        if tta_views:
+            logits = predict_tta(model, x, tta_views, torch.Generator(x.device).manual_seed(seed))
+        else:
+            logits = predict_logits(model, x)
     return topk_accuracy(logits, y), confusion_matrix(y.cpu(), logits.argmax(1).cpu())
 
 
@@ -101,15 +116,19 @@ def knn_scores(
     n_classes: int = NUM_CLASSES,
     chunk: int = 2048,
 ) -> torch.Tensor:
-    """Class scores of a cosine-similarity kNN with exp(sim / T) weighted votes."""
-    bank = F.normalize(train_features, dim=1)
-    k = min(k, bank.shape[0])
-    scores = []
-    for start in range(0, query_features.shape[0], chunk):
-        q = F.normalize(query_features[start : start + chunk], dim=1)
-        sim, idx = (q @ bank.T).topk(k, dim=1)
-        weights = (sim / temperature).exp()
-        votes = torch.zeros(q.shape[0], n_classes, device=q.device)
-        votes.scatter_add_(1, train_labels[idx], weights)
-        scores.append(votes)
+    """Class scores of a cosine-similarity kNN with exp(sim / T) weighted votes.
+
+    fp32 island: under a caller's autocast too (a kNN head inside a bf16 classifier), since
+    exp(sim / T) at T = 0.1 turns bf16's rounding of a similarity into a 4% change of a vote."""
+    with torch.autocast(query_features.device.type, enabled=False):
+        bank = F.normalize(train_features.float(), dim=1)
+        k = min(k, bank.shape[0])
+        scores = []
+        for start in range(0, query_features.shape[0], chunk):
+            q = F.normalize(query_features[start : start + chunk].float(), dim=1)
+            sim, idx = (q @ bank.T).topk(k, dim=1)
+            weights = (sim / temperature).exp()
+            votes = torch.zeros(q.shape[0], n_classes, device=q.device)
+            votes.scatter_add_(1, train_labels[idx], weights)
+            scores.append(votes)
     return torch.cat(scores)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fewshot.data import MNIST, NUM_CLASSES, LabeledDraw, LabeledTensors, to_unit
-from fewshot.device import place
+from fewshot.device import Precision, place, precision_context
 from fewshot.evaluate import EVAL_BATCH, extract_features
 from fewshot.train import Augment, EpochCallback, FitConfig, FitResult, fit
 
@@ -54,19 +54,26 @@ def encode(encoder: nn.Module, images: torch.Tensor, batch_size: int = EVAL_BATC
 
 @torch.no_grad()
 def cached_features(
-    encoder: nn.Module, mnist: MNIST, draw: LabeledDraw, device: torch.device | str, batch_size: int = 1000
+    encoder: nn.Module,
+    mnist: MNIST,
+    draw: LabeledDraw,
+    device: torch.device | str,
+    batch_size: int = 1000,
+    precision: Precision | None = None,
 ) -> FeatureSet:
-    """Features of the 75 train, 25 validation and 10,000 test images, computed once."""
+    """Features of the 75 train, 25 validation and 10,000 test images, computed once (the
+    encoder under ``precision``, the features fp32)."""
     started = time.perf_counter()
     encoder = place(encoder, device).eval()
 
     def features_of(images: torch.Tensor) -> torch.Tensor:
-        return torch.cat(
-            [
-                encode(encoder, to_unit(images[i : i + batch_size], device))
-                for i in range(0, images.shape[0], batch_size)
-            ]
-        )
+        with precision_context(precision):
+            return torch.cat(
+                [
+                    encode(encoder, to_unit(images[i : i + batch_size], device))
+                    for i in range(0, images.shape[0], batch_size)
+                ]
+            )
 
     result = FeatureSet(
         train=features_of(mnist.train_images[draw.train_idx]),
@@ -186,7 +193,10 @@ class FrozenEncoderHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             features = self.encoder(x)
-        return self.head(features)
+        # fp32 island: the head is all that trains here and costs nothing; bf16 (under a caller's
+        # autocast) is for the frozen encoder only
+        with torch.autocast(x.device.type, enabled=False):
+            return self.head(features.float())
 
 
 def train_linear_head_augmented(
@@ -199,10 +209,12 @@ def train_linear_head_augmented(
     generator: torch.Generator,
     on_epoch: EpochCallback | None = None,
     normalize: bool = False,
+    precision: Precision | None = None,
 ) -> tuple[nn.Module, FitResult]:
-    """The linear head trained on features of freshly augmented labeled images each step."""
+    """The linear head trained on features of freshly augmented labeled images each step (the
+    frozen encoder's forward under ``precision``)."""
     head = new_head(features.train, standardize, generator, normalize)
     model = FrozenEncoderHead(encoder, head)
     result = fit(model, (images.x_train, images.y_train), held_out(images.x_val, images.y_val), cfg, generator,
-                 augment=augment_fn, on_epoch=on_epoch, params=head.parameters())  # fmt: skip
+                 augment=augment_fn, on_epoch=on_epoch, params=head.parameters(), precision=precision)  # fmt: skip
     return fold(head).eval(), result

@@ -117,7 +117,9 @@ def info_nce(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """InfoNCE of L2-normalised queries ``q`` (N, D) against positives ``k`` (N, D) and the
     negatives in ``queue`` (D, K). Returns (loss, logits); the positive is column 0."""
-    with torch.autocast(q.device.type, enabled=False):  # logits / T need more than bf16's 3 digits
+    # fp32 island: logits / T need more than bf16's 3 significant digits (at T = 0.2 a rounding of
+    # the similarity by 0.004 moves a logit by 0.02), and the loss is a sum of their exponentials
+    with torch.autocast(q.device.type, enabled=False):
         q, k = q.float(), k.float()
         positive = (q * k).sum(dim=1, keepdim=True)
         negative = q @ queue.clone().detach().float()
@@ -180,13 +182,17 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self, m: float) -> None:
-        """key <- m * key + (1 - m) * query, parameter by parameter."""
+        """key <- m * key + (1 - m) * query, parameter by parameter.
+
+        fp32 island: autocast never lowers the parameters themselves, so this runs in fp32 under
+        bf16 too; in bf16 (8-bit mantissa) a step of (1 - m) = 1% of the query-key gap would mostly round away."""
         torch._foreach_mul_(self.key_parameters(), m)
         torch._foreach_add_(self.key_parameters(), self.query_parameters(), alpha=1 - m)
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
-        """Write ``keys`` (N, dim) at the pointer, wrapping around the end, and advance it."""
+        """Write ``keys`` (N, dim) at the pointer, wrapping around the end, and advance it.
+        The queue is an fp32 buffer whatever the precision (keys are cast to it)."""
         n = keys.shape[0]
         if n > self.k:
             raise ValueError(f"{n} keys do not fit a queue of {self.k}")
@@ -198,7 +204,8 @@ class MoCo(nn.Module):
         self.queue_ptr[0] = (ptr + n) % self.k
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head_q(self.backbone_q(x)), dim=1)
+        # fp32 island: normalised in fp32 (a no-op cast under fp32), as the queue and InfoNCE need
+        return F.normalize(self.head_q(self.backbone_q(x)).float(), dim=1)
 
     @torch.no_grad()
     def key(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -206,14 +213,16 @@ class MoCo(nn.Module):
         (shuffle-BN) or, on one device, permuted so that split-BN groups differ from the queries'."""
         if distributed():
             x, unshuffle = _shuffle_across_processes(x, generator)
-            k = F.normalize(self.head_k(self.backbone_k(x)), dim=1)
+            k = F.normalize(self.head_k(self.backbone_k(x)).float(), dim=1)
             return _unshuffle_across_processes(k, unshuffle)
         if self.bn_splits > 1:
             perm = torch.randperm(x.shape[0], generator=generator, device=generator.device if generator else None)
             perm = perm.to(x.device)
-            k = F.normalize(self.head_k(self.backbone_k(x[perm])), dim=1)
+            k = F.normalize(self.head_k(self.backbone_k(x[perm])).float(), dim=1)
             return k[torch.argsort(perm)]
-        return F.normalize(self.head_k(self.backbone_k(x)), dim=1)
+        # fp32 island: keys enter the queue, where they serve as negatives for K / batch steps;
+        # normalised in fp32 so that a bf16 rounding is not stored and reused that long
+        return F.normalize(self.head_k(self.backbone_k(x)).float(), dim=1)
 
     def forward(
         self, x1: torch.Tensor, x2: torch.Tensor, m: float, generator: torch.Generator | None = None

@@ -20,6 +20,7 @@ from torch import nn
 
 from fewshot import augment as aug
 from fewshot.data import MNIST, LabeledDraw, LabeledTensors
+from fewshot.device import Precision, precision_context
 from fewshot.errors import UserError
 from fewshot.evaluate import knn_scores, predict_logits, predict_tta
 from fewshot.linear_head import (  # L2Normalize, Standardize: pickled heads logged by earlier versions name them here
@@ -109,6 +110,8 @@ class ProbeContext:
     mnist: MNIST | None = None  # the unlabeled pool, for probes that use it
     draw: LabeledDraw | None = None
     on_epoch: EpochCallback | None = None
+    # the encoder's forward passes (None: fp32); heads trained on cached features stay fp32
+    precision: Precision | None = None
 
 
 @dataclass
@@ -146,7 +149,7 @@ def _train_linear(
     if settings.augment:
         return train_linear_head_augmented(
             ctx.encoder, images, features, cfg, settings.standardize, _augmentation(settings), ctx.generator, on_epoch,
-            settings.normalize,
+            settings.normalize, ctx.precision,
         )  # fmt: skip
     return train_linear_head(features, cfg, settings.standardize, ctx.generator, on_epoch, settings.normalize)
 
@@ -191,15 +194,17 @@ def finetune_probe(ctx: ProbeContext) -> ProbeResult:
             "--optimizer lbfgs: L-BFGS has one learning rate for all parameters; fine-tune with adamw or sgd"
         )
     classifier, result = _finetune(ctx, ctx.features, ctx.images, settings.fit, ctx.on_epoch)
-    val_scores = predict_logits(classifier, ctx.images.x_val)
+    with precision_context(ctx.precision):
+        val_scores = predict_logits(classifier, ctx.images.x_val)
     if settings.refit:
         refit_cfg = replace(settings.fit, epochs=result.epochs_run, patience=0)
         classifier, _ = _finetune(ctx, ctx.features.all_labels(), ctx.images.all_labels(), refit_cfg, None)
     seconds = time.perf_counter() - started
     classifier.eval()
-    test_scores = plain = predict_logits(classifier, ctx.images.x_test)
-    if settings.tta_views:
-        test_scores = predict_tta(classifier, ctx.images.x_test, settings.tta_views, ctx.generator, plain)
+    with precision_context(ctx.precision):
+        test_scores = plain = predict_logits(classifier, ctx.images.x_test)
+        if settings.tta_views:
+            test_scores = predict_tta(classifier, ctx.images.x_test, settings.tta_views, ctx.generator, plain)
     return ProbeResult(classifier, classifier.head, val_scores, test_scores, result, seconds, frozen=False,
                        plain_test_scores=plain if settings.tta_views else None)  # fmt: skip
 
@@ -221,7 +226,7 @@ def _finetune(
     ]
     val = held_out(images.x_val, images.y_val)
     result = fit(classifier, (images.x_train, images.y_train), val, cfg, ctx.generator, augment=_augmentation(settings),
-                 on_epoch=on_epoch, params=groups)  # fmt: skip
+                 on_epoch=on_epoch, params=groups, precision=ctx.precision)  # fmt: skip
     return classifier, result
 
 
@@ -234,7 +239,7 @@ def semisup_probe(ctx: ProbeContext) -> ProbeResult:
     steps = ctx.settings.fit.epochs
     cfg = SemisupConfig(
         init="probe", steps=steps, eval_every=steps, eval_test=False, seed=ctx.draw.seed,
-        progress=ctx.settings.fit.progress,
+        progress=ctx.settings.fit.progress, precision=ctx.precision.name if ctx.precision else "fp32",
     )  # fmt: skip
     data = semisup_data(ctx.mnist, ctx.draw, ctx.device)
     model = prepare_model(cfg, data, ctx.encoder)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from fewshot.device import Precision, precision_context
 from fewshot.errors import TrainingDiverged, UserError
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "adadelta", "adagrad", "lbfgs")
@@ -178,8 +179,10 @@ def _train_epoch(
     generator: torch.Generator,
     augment: Augment | None,
     epoch: int,
+    precision: Precision | None = None,
 ) -> dict[str, float]:
-    """One shuffled pass over ``train``; returns its mean loss, accuracy and the lr after it."""
+    """One shuffled pass over ``train`` (forward passes under ``precision``); returns its mean loss,
+    accuracy and the lr after it."""
     x_train, y_train = train
     n = x_train.shape[0]
     model.train()
@@ -197,15 +200,17 @@ def _train_epoch(
             loss_.backward()
             return loss_
 
-        if config.optimizer == "lbfgs":
+        if config.optimizer == "lbfgs":  # fp32 always: the line search compares losses to 1e-4
             optimizer.step(closure)
             with torch.no_grad():
                 logits = model(xb)
                 loss = F.cross_entropy(logits, yb)
         else:
             optimizer.zero_grad(set_to_none=True)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb, label_smoothing=config.label_smoothing)
+            with precision_context(precision):
+                logits = model(xb)
+            # fp32 island: the loss from fp32 logits (a no-op cast under fp32)
+            loss = F.cross_entropy(logits.float(), yb, label_smoothing=config.label_smoothing)
             loss.backward()
             optimizer.step()
         scheduler.step()
@@ -216,6 +221,23 @@ def _train_epoch(
         loss_sum += loss.item() * idx.numel()
         correct += (logits.argmax(1) == yb).sum().item()
     return {"train_loss": loss_sum / n, "train_acc": correct / n, "lr": optimizer.param_groups[0]["lr"]}
+
+
+def _restore(
+    state: dict,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    stopper: EarlyStopping,
+    generator: torch.Generator,
+) -> list[dict[str, float]]:
+    """Load a ``fit`` checkpoint's loop state into the live objects; returns its history."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    stopper.load_state_dict(state["stopper"])
+    generator.set_state(state["generator"])
+    return list(state["history"])
 
 
 def fit(
@@ -229,6 +251,7 @@ def fit(
     on_checkpoint: CheckpointCallback | None = None,
     resume_state: dict | None = None,
     params: Iterable[nn.Parameter] | None = None,
+    precision: Precision | None = None,
 ) -> FitResult:
     """Train ``model`` on ``train`` with early stopping on ``val``; restores the best weights.
 
@@ -237,7 +260,8 @@ def fit(
 
     ``generator`` drives shuffling and augmentation, so a seeded generator gives the same
     run twice on the same CPU. ``on_checkpoint`` receives the full loop state after each
-    epoch; passing it back as ``resume_state`` continues from there.
+    epoch; passing it back as ``resume_state`` continues from there. ``precision`` (None: fp32)
+    lowers the training forward passes; the loss, the weights and the validation stay fp32.
     """
     config.validate()
     n = train[0].shape[0]
@@ -250,17 +274,13 @@ def fit(
     result = FitResult()
     start_epoch = 0
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        stopper.load_state_dict(resume_state["stopper"])
-        generator.set_state(resume_state["generator"])
-        result.history = list(resume_state["history"])
+        result.history = _restore(resume_state, model, optimizer, scheduler, stopper, generator)
         start_epoch = resume_state["epoch"] + 1
 
     bar = tqdm(range(start_epoch, config.epochs), desc="fit", disable=not config.progress, leave=False)
     for epoch in bar:
-        metrics = _train_epoch(model, optimizer, scheduler, train, batch_size, config, generator, augment, epoch)
+        metrics = _train_epoch(model, optimizer, scheduler, train, batch_size, config, generator, augment, epoch,
+                               precision)  # fmt: skip
         improved = False
         if val is not None:
             metrics["val_loss"], metrics["val_acc"] = evaluate_loss(model, *val)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fewshot import report, tracking
+from fewshot.device import check_precision
 from fewshot.errors import UserError
 
 STEP_KEY_TAG = "fewshot.step_key"
@@ -58,10 +59,12 @@ class WorkflowConfig:
     run_name: str | None = None
     results_dir: str | None = None  # default: the project root
     device: str = "auto"
+    precision: str = "auto"  # of every step's training and inference (fewshot.device)
 
     def validate(self) -> None:
         if not 1 <= self.draws <= 20:
             raise UserError(f"--draws {self.draws}: must be between 1 and 20")
+        check_precision(self.precision)
 
 
 @dataclass

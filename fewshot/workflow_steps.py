@@ -74,7 +74,7 @@ def build_steps(cfg: WorkflowConfig, run: Runner) -> None:
     for seed in draws:
         for model in BASELINE_MODELS:
             baseline = BaselineConfig(
-                model=model, seed=seed, data_dir=cfg.data_dir, device=cfg.device,
+                model=model, seed=seed, data_dir=cfg.data_dir, device=cfg.device, precision=cfg.precision,
                 fit=FitConfig(epochs=profile.baseline_epochs, progress=progress),
             )  # fmt: skip
 
@@ -83,7 +83,8 @@ def build_steps(cfg: WorkflowConfig, run: Runner) -> None:
 
             run(Step(f"baseline-{model}-draw{seed}", baseline.params(), run_one))
 
-    moco = replace(profile.moco, seed=cfg.seed, data_dir=cfg.data_dir, device=cfg.device, progress=progress)
+    moco = replace(profile.moco, seed=cfg.seed, data_dir=cfg.data_dir, device=cfg.device, precision=cfg.precision,
+                   progress=progress)  # fmt: skip
     moco_params = moco.params()
     moco_step = Step("moco_pretrain", moco_params, lambda: "")
     checkpoint_dir = tracking.checkpoint_root() / f"workflow-{moco_step.key(run.code)}"
@@ -103,7 +104,7 @@ def build_steps(cfg: WorkflowConfig, run: Runner) -> None:
             augment = profile.linear_augment if probe == "linear" else "auto"
             probe_cfg = LinearEvalConfig(
                 encoder=encoder_uri, probe=probe, augment=augment, seed=seed, data_dir=cfg.data_dir,
-                device=cfg.device, fit=FitConfig(epochs=epochs, progress=progress),
+                device=cfg.device, precision=cfg.precision, fit=FitConfig(epochs=epochs, progress=progress),
             )  # fmt: skip
 
             def run_probe(probe_cfg: LinearEvalConfig = probe_cfg) -> str:
@@ -113,7 +114,7 @@ def build_steps(cfg: WorkflowConfig, run: Runner) -> None:
 
     for seed in draws:
         semi = replace(profile.semisup, init=encoder_uri, seed=seed, data_dir=cfg.data_dir, device=cfg.device,
-                       progress=progress)  # fmt: skip
+                       precision=cfg.precision, progress=progress)  # fmt: skip
         semi_params = semi.params()
         semi_name = f"semisup-moco-draw{seed}"
         semi_key = Step(semi_name, semi_params, lambda: "").key(run.code)
@@ -126,7 +127,7 @@ def build_steps(cfg: WorkflowConfig, run: Runner) -> None:
 
     hpo = HpoConfig(
         target="linear", n_trials=profile.hpo_trials, encoder=encoder_uri, seed=cfg.seed, data_dir=cfg.data_dir,
-        folds=profile.hpo_folds, budget=profile.hpo_budget, device=cfg.device,
+        folds=profile.hpo_folds, budget=profile.hpo_budget, device=cfg.device, precision=cfg.precision,
     )  # fmt: skip
     hpo_params = hpo.params()
     hpo_step = Step("hpo-linear", hpo_params, lambda: "")

@@ -13,6 +13,9 @@ import pytest
 from tests.synthetic import write_mnist_folder
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# `--precision auto` means fp32 in the suite on every CPU (the same numbers on any machine, and the
+# code path that predates bf16); tests/test_precision.py turns bf16 on where it tests it
+os.environ["FEWSHOT_NATIVE_BF16"] = "0"
 REAL_DATA_CANDIDATES = [os.environ.get("FEWSHOT_DATA_DIR", ""), str(PROJECT_ROOT.parent / "shared" / "data")]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+from fewshot.device import check_precision
 from fewshot.errors import UserError
 from fewshot.names import DEFAULT_ENCODER
 
@@ -62,6 +63,7 @@ class HpoConfig:
     labels_per_class: int | None = 10
     n_labels: int | None = None
     device: str = "auto"
+    precision: str = "auto"  # of every trial's training (fewshot.device)
     heartbeat_seconds: int = 10  # a trial without a heartbeat for 3x this long is failed and retried
     experiment: str | None = None
     moco_overrides: dict = field(default_factory=dict)  # PretrainConfig fields fixed for every trial
@@ -80,6 +82,7 @@ class HpoConfig:
             raise UserError(f"--n-jobs {self.n_jobs}: must be between 1 and 64")
         if self.folds == 1 or not 0 <= self.folds <= 20:
             raise UserError(f"--folds {self.folds}: use 2 to 20 folds, or 0 for the 75/25 validation split")
+        check_precision(self.precision)
         if self.heartbeat_seconds < 1:
             raise UserError(f"--heartbeat {self.heartbeat_seconds}: must be >= 1 second")
         name = self.study_name

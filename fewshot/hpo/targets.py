@@ -22,7 +22,7 @@ from torch import nn
 
 from fewshot.augment import AffineSpec, OnlineAffine
 from fewshot.data import MNIST, LabeledDraw, labeled_tensors
-from fewshot.device import place
+from fewshot.device import Precision, place
 from fewshot.encoder_source import resolve_encoder
 from fewshot.evaluate import evaluate_split, topk_accuracy
 from fewshot.hpo.config import Budget, HpoConfig
@@ -206,6 +206,7 @@ class BaselineTarget(TrainedClassifierTarget):
     def __init__(self, cfg: HpoConfig, data: SearchData) -> None:
         self.data = data
         self.measure = _measure(cfg.folds)
+        self.precision = Precision.choose(cfg.precision, data.device)
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         return {
@@ -222,7 +223,8 @@ class BaselineTarget(TrainedClassifierTarget):
                         epochs=self.data.budget.epochs or 150, progress=False)  # fmt: skip
         strength = params["augment_strength"]
         augment = OnlineAffine(AffineSpec().scaled(strength)) if strength > 0 else None
-        fit(model, train, val, cfg, torch.Generator(self.data.device).manual_seed(seed), augment=augment)
+        fit(model, train, val, cfg, torch.Generator(self.data.device).manual_seed(seed), augment=augment,
+            precision=self.precision)  # fmt: skip
         return model
 
 
@@ -246,7 +248,8 @@ class MocoTarget:
     def __init__(self, cfg: HpoConfig, data: SearchData) -> None:
         self.data = data
         base = {"seed": cfg.seed, "device": str(data.device), "progress": False, "knn_test": False,
-                "checkpoint_minutes": 0.0, "labels_per_class": cfg.labels_per_class, "n_labels": cfg.n_labels}  # fmt: skip
+                "checkpoint_minutes": 0.0, "labels_per_class": cfg.labels_per_class, "n_labels": cfg.n_labels,
+                "precision": cfg.precision}  # fmt: skip
         self.base = {**base, **cfg.moco_overrides}
         PretrainConfig(**self.base).validate()
 
@@ -331,7 +334,7 @@ class SemisupTarget(TrainedClassifierTarget):
         steps = data.budget.epochs or 300
         base = {"init": cfg.encoder, "seed": cfg.seed, "device": str(data.device), "progress": False,
                 "eval_test": False, "steps": steps, "eval_every": steps, "labels_per_class": cfg.labels_per_class,
-                "n_labels": cfg.n_labels}  # fmt: skip
+                "n_labels": cfg.n_labels, "precision": cfg.precision}  # fmt: skip
         self.base = {**base, **cfg.semisup_overrides}
         SemisupConfig(**self.base).validate()
         random_init = self.base["init"].strip() == RANDOM_INIT

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from fewshot import augment as aug
+from fewshot.device import check_precision
 from fewshot.errors import UserError
 from fewshot.moco import check_queue
 from fewshot.models import ENCODERS
@@ -57,6 +58,7 @@ class PretrainConfig:
     labels_per_class: int | None = 10
     n_labels: int | None = None
     device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast where the device does bf16 natively, else fp32 (fewshot.device)
     checkpoint_minutes: float = 10.0
     max_steps_per_epoch: int = 0  # 0: the whole pool each epoch (benchmarks and tests cut it)
     progress: bool = True
@@ -91,6 +93,7 @@ class PretrainConfig:
         need(0 < self.knn_t <= 10, f"--knn-t {self.knn_t}: must be in (0, 10]")
         need(self.checkpoint_minutes >= 0, f"--checkpoint-minutes {self.checkpoint_minutes}: must be >= 0")
         need(self.max_steps_per_epoch >= 0, f"max_steps_per_epoch {self.max_steps_per_epoch}: must be >= 0")
+        check_precision(self.precision)
         check_queue(self.moco_k, self.batch_size, world_size, self.symmetric)
 
     def view_spec(self) -> aug.ViewSpec:
@@ -103,5 +106,5 @@ class PretrainConfig:
     RESUME_KEYS = (
         "arch", "width", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "moco_k", "moco_m",
         "m_schedule", "moco_t", "moco_dim", "mlp", "symmetric", "bn_splits", "augment", "augment_strength",
-        "seed", "labels_per_class", "n_labels", "max_steps_per_epoch",
+        "seed", "labels_per_class", "n_labels", "max_steps_per_epoch", "precision",
     )  # fmt: skip

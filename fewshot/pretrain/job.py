@@ -17,7 +17,7 @@ import torch
 from fewshot import augment as aug
 from fewshot import plots, tracking
 from fewshot.data import MNIST, LabeledDraw, draw_labels, labeled_tensors, load_mnist, to_unit
-from fewshot.device import configure_threads, pick_device
+from fewshot.device import Precision, configure_threads, pick_device
 from fewshot.jobs.tracked import JobStart, Registration, TrackedJob
 from fewshot.names import MOCO_ENCODER_MODEL
 from fewshot.pretrain.checkpoint import DEFAULT_CHECKPOINT_DIR, check_resume_config, load_checkpoint
@@ -74,7 +74,8 @@ def run_pretrain(
 
     def log_fresh(tracker: tracking.Tracker) -> None:
         tracker.log_params({**cfg.params(), "world_size": world, "checkpoint": str(start.checkpoint.resolve()),
-                            "n_unlabeled": len(draw.unlabeled_idx)})  # fmt: skip
+                            "n_unlabeled": len(draw.unlabeled_idx),
+                            "precision_resolved": Precision.choose(cfg.precision, pick_device(cfg.device)).name})  # fmt: skip
         tracker.log_draw(draw, mnist.source)
         tracker.log_figure(views_figure(mnist, draw, cfg.view_spec(), cfg.seed), "augmentation/views.png")
 

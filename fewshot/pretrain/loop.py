@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from fewshot import augment as aug
 from fewshot.data import MNIST, LabeledDraw, labeled_tensors, to_unit
-from fewshot.device import pick_device
+from fewshot.device import Precision, pick_device
 from fewshot.errors import TrainingDiverged, UserError
 from fewshot.jobs.loop import CheckpointWriter, StepBoundary, config_for_checkpoint
 from fewshot.moco import MoCo, average_buffers, cosine_momentum, distributed, warmup_cosine_lr
@@ -93,6 +93,7 @@ class MocoTrainer:
         if device.type == "cuda" and distributed():
             device = torch.device("cuda", torch.cuda.current_device())
         self.cfg, self.device, self.cuda = cfg, device, device.type == "cuda"
+        self.precision = Precision.choose(cfg.precision, device)
         torch.manual_seed(cfg.seed)
         self.order_gen = torch.Generator(device=device).manual_seed(cfg.seed)
         self.aug_gen = torch.Generator(device=device).manual_seed(_aug_seed(cfg.seed, 0, self.rank))
@@ -117,7 +118,8 @@ class MocoTrainer:
             build_encoder(cfg.arch, cfg.width), dim=cfg.moco_dim, k=cfg.moco_k, temperature=cfg.moco_t, mlp=cfg.mlp,
             symmetric=cfg.symmetric, bn_splits=1 if self.world > 1 else cfg.bn_splits, generator=init_gen,
         ).to(device)  # fmt: skip
-        self.memory_format = torch.channels_last if self.cuda else torch.contiguous_format
+        # channels-last where the convolutions run bf16 (CUDA, a bf16 CPU); the CPU fp32 path stays NCHW
+        self.memory_format = torch.channels_last if self.cuda or self.precision.bf16 else torch.contiguous_format
         self.model = model.to(memory_format=self.memory_format)
         self.net: nn.Module = self.model  # the DDP wrapper under torchrun (``distribute``)
         self.optimizer = torch.optim.SGD(
@@ -193,7 +195,7 @@ class MocoTrainer:
             group["lr"] = self.lr
         progress = self.step / max(1, self.total_steps - 1)
         self.m = cosine_momentum(cfg.moco_m, progress) if cfg.m_schedule == "cosine" else cfg.moco_m
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+        with self.precision.autocast():  # InfoNCE, its logits and the queue stay fp32 (fewshot.moco)
             loss, logits = self.net(x1, x2, self.m, self.order_gen)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -250,21 +252,21 @@ class MocoTrainer:
         cfg, labeled, backbone = self.cfg, self.labeled, self.model.backbone_q
         average_buffers(self.model)
         self.model.eval()
+        knn_val = knn_accuracy(backbone, labeled.x_train, labeled.y_train, labeled.x_val, labeled.y_val, cfg.knn_k,
+                               cfg.knn_t, self.precision)  # fmt: skip
         metrics = {
             "loss": sums["loss"] / sums["steps"],
             "contrastive_acc": sums["acc"] / sums["steps"],
             "lr": self.lr,
             "moco_m": self.m,
             "images_per_s": sums["steps"] * self.global_batch / max(sums["seconds"], 1e-9),
-            "knn_val_acc": knn_accuracy(
-                backbone, labeled.x_train, labeled.y_train, labeled.x_val, labeled.y_val, cfg.knn_k, cfg.knn_t
-            ),  # fmt: skip
+            "knn_val_acc": knn_val,
         }
         if not self.cuda:
             metrics["augment_share"] = sums["augment_seconds"] / max(sums["seconds"], 1e-9)
         if labeled.x_test is not None:
             metrics["knn_test_acc"] = knn_accuracy(backbone, labeled.x_train, labeled.y_train, labeled.x_test,
-                                                   labeled.y_test, cfg.knn_k, cfg.knn_t)  # fmt: skip
+                                                   labeled.y_test, cfg.knn_k, cfg.knn_t, self.precision)  # fmt: skip
         if evaluate is not None:
             t_eval = time.perf_counter()
             metrics.update(evaluate(epoch, backbone))

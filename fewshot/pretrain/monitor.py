@@ -14,12 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot.data import LabeledTensors
+from fewshot.device import Precision, precision_context
 from fewshot.evaluate import eval_mode, extract_features, knn_scores
 
 
 @torch.no_grad()
-def knn_accuracy(encoder: nn.Module, bank_x, bank_y, query_x, query_y, k: int, t: float) -> float:
-    with eval_mode(encoder):
+def knn_accuracy(
+    encoder: nn.Module, bank_x, bank_y, query_x, query_y, k: int, t: float, precision: Precision | None = None
+) -> float:
+    """Weighted cosine kNN top-1; the features under ``precision``, the votes in fp32."""
+    with eval_mode(encoder), precision_context(precision):
         bank = extract_features(encoder, bank_x).float()
         query = extract_features(encoder, query_x).float()
     scores = knn_scores(bank, bank_y, query, k=k, temperature=t)

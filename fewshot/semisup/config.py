@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from fewshot import augment as aug
+from fewshot.device import check_precision
 from fewshot.errors import UserError
 from fewshot.models import ENCODERS
 from fewshot.names import DEFAULT_ENCODER
@@ -67,6 +68,7 @@ class SemisupConfig:
     labels_per_class: int | None = 10
     n_labels: int | None = None
     device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast where the device does bf16 natively, else fp32 (fewshot.device)
     progress: bool = True
 
     @property
@@ -110,6 +112,7 @@ class SemisupConfig:
         need(0 <= self.weak_strength <= 3, f"--weak-strength {self.weak_strength}: must be between 0 and 3")
         need(self.eval_every >= 1, f"--eval-every {self.eval_every}: must be >= 1 step")
         need(0 <= self.tta_views <= 64, f"--tta-views {self.tta_views}: must be between 0 (off) and 64")
+        check_precision(self.precision)
 
     def strong_spec(self) -> aug.ViewSpec:
         return replace(STRONG_PRESETS[self.strong].scaled(self.strong_strength), bar_probability=self.bar)
@@ -125,4 +128,5 @@ class SemisupConfig:
         "init", "arch", "width", "steps", "epochs", "batch_size", "mu", "optimizer", "lr", "weight_decay",
         "encoder_lr_ratio", "tau", "lambda_u", "threshold", "dist_align", "targets", "ema", "strong",
         "strong_strength", "weak_strength", "bar", "head_warmup", "eval_every", "seed", "labels_per_class", "n_labels",
+        "precision",
     )  # fmt: skip

@@ -131,7 +131,8 @@ def consistency_loss(
         weak_logits = teacher(u_weak)
     pseudo = labeler(weak_logits, pool_positions)
     n = x_labeled.shape[0]
-    logits = model(torch.cat([x_labeled, u_strong]))
+    # fp32 island: the losses from fp32 logits (a no-op cast under fp32; the pseudo-labels too)
+    logits = model(torch.cat([x_labeled, u_strong])).float()
     sup = F.cross_entropy(logits[:n], y_labeled)
     per_image = F.cross_entropy(logits[n:], pseudo.targets, reduction="none")
     unsup = (per_image * pseudo.mask).mean()

@@ -15,7 +15,7 @@ from torch import nn
 
 from fewshot import plots, tracking
 from fewshot.data import MNIST, LabeledDraw, draw_labels, load_mnist
-from fewshot.device import configure_threads, pick_device
+from fewshot.device import Precision, configure_threads, pick_device
 from fewshot.encoder_source import resolve_encoder
 from fewshot.evaluate import confusion_matrix, predict_logits, topk_accuracy
 from fewshot.jobs.tracked import JobStart, Registration, TrackedJob
@@ -83,8 +83,10 @@ def run_semisup(
     tags = {"job": JOB, "init": init_tag(cfg), "seed": cfg.seed, **source_tags}
     with TrackedJob(start, tags, step_metric="val_acc") as job:
         model = prepare_model(replace(cfg, head_warmup=cfg.head_warmup and start.state is None), data, encoder)
-        fresh = partial(_log_fresh, cfg=cfg, params={**source_params, "device": str(device)}, model=model, data=data,
-                        mnist=mnist, draw=draw, checkpoint=start.checkpoint)  # fmt: skip
+        params = {**source_params, "device": str(device),
+                  "precision_resolved": Precision.choose(cfg.precision, device).name}  # fmt: skip
+        fresh = partial(_log_fresh, cfg=cfg, params=params, model=model, data=data, mnist=mnist, draw=draw,
+                        checkpoint=start.checkpoint)  # fmt: skip
         # a resumed run: the evaluations whose logging was lost
         job.begin(fresh, ((int(m["step"]), m) for m in start.state["history"]) if start.state else ())
         result = train_semisup(

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from fewshot import augment as aug
 from fewshot.checkpoints import check_same_settings, load_checked
 from fewshot.data import NUM_CLASSES, to_unit
+from fewshot.device import Precision
 from fewshot.errors import TrainingDiverged, UserError
 from fewshot.jobs.loop import CheckpointWriter, StepBoundary, config_for_checkpoint
 from fewshot.models import EncoderClassifier
@@ -110,6 +111,7 @@ class SemisupTrainer:
         self.cfg, self.data, self.model = cfg, data, model
         self.device = data.x_train.device
         self.cuda = self.device.type == "cuda"
+        self.precision = Precision.choose(cfg.precision, self.device)
         n_pool = data.pool.shape[0]
         self.unlabeled_batch = cfg.unlabeled_batch
         if n_pool < self.unlabeled_batch:
@@ -189,7 +191,7 @@ class SemisupTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_ratio"]
         teacher = self.ema.model if (self.ema is not None and cfg.targets == "ema") else model
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+        with self.precision.autocast():  # losses, pseudo-labels and the EMA stay fp32
             out = consistency_loss(
                 model, teacher, x_l, data.y_train[labeled], u_weak, u_strong, positions, self.labeler, cfg.lambda_u
             )
@@ -213,9 +215,9 @@ class SemisupTrainer:
                 f"{metrics['unsup_loss']}); lower --lr (now {cfg.lr})"
             )
         scored = self.evaluated
-        metrics["val_acc"], metrics["val_loss"], _ = evaluate_model(scored, data.x_val, data.y_val)
+        metrics["val_acc"], metrics["val_loss"], _ = evaluate_model(scored, data.x_val, data.y_val, self.precision)
         if cfg.eval_test and data.x_test is not None:
-            metrics["test_acc"], _, _ = evaluate_model(scored, data.x_test, data.y_test)
+            metrics["test_acc"], _, _ = evaluate_model(scored, data.x_test, data.y_test, self.precision)
         thresholds = self.labeler.thresholds()
         if isinstance(thresholds, torch.Tensor):
             metrics["threshold_min"] = float(thresholds.min())

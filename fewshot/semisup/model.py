@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot.data import NUM_CLASSES
-from fewshot.device import place
+from fewshot.device import Precision, place, precision_context
 from fewshot.errors import UserError
 from fewshot.evaluate import eval_mode, predict_logits, predict_tta
 from fewshot.linear_head import FeatureSet, encode, train_linear_head
@@ -36,6 +36,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
+        # fp32 island: the weights are fp32 whatever the autocast (it lowers op inputs, never the
+        # parameters), and this runs outside it; in bf16 a step of (1 - decay) = 0.1% would round away
         d = min(self.decay, (1 + step) / (10 + step))
         for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
             ema_p.mul_(d).add_(p.detach(), alpha=1 - d)
@@ -94,21 +96,25 @@ def make_optimizer(cfg: SemisupConfig, model: EncoderClassifier) -> torch.optim.
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, torch.Tensor]:
-    """(top-1, mean cross-entropy, logits) of ``model`` in eval mode."""
-    with eval_mode(model):
+def evaluate_model(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: Precision | None = None
+) -> tuple[float, float, torch.Tensor]:
+    """(top-1, mean cross-entropy, logits) of ``model`` in eval mode (its forward under ``precision``)."""
+    with eval_mode(model), precision_context(precision):
         logits = predict_logits(model, x)
     return float((logits.argmax(1) == y).float().mean()), float(F.cross_entropy(logits, y)), logits
 
 
 def final_test_scores(model: nn.Module, x: torch.Tensor, cfg: SemisupConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(the scores reported, the model's own single-view logits): with ``cfg.tta_views`` the reported
-    scores average mildly warped copies of each image (seeded by ``cfg.seed``), as the CNN baseline's."""
-    plain = predict_logits(model, x)
-    if not cfg.tta_views:
-        return plain, plain
-    generator = torch.Generator(device=x.device).manual_seed(cfg.seed)
-    return predict_tta(model, x, cfg.tta_views, generator, plain), plain
+    scores average mildly warped copies of each image (seeded by ``cfg.seed``), as the CNN baseline's.
+    The model runs under ``cfg.precision``."""
+    with Precision.choose(cfg.precision, x.device).autocast():
+        plain = predict_logits(model, x)
+        if not cfg.tta_views:
+            return plain, plain
+        generator = torch.Generator(device=x.device).manual_seed(cfg.seed)
+        return predict_tta(model, x, cfg.tta_views, generator, plain), plain
 
 
 def encoder_arch(encoder: nn.Module) -> tuple[str, int]:
