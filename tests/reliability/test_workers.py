@@ -84,6 +84,11 @@ def test_four_sqlite_workers_one_killed_mid_trial(synthetic_data_dir: Path, fres
             run = runs.get(trial.user_attrs.get("mlflow_run_id", ""))
             proc = by_pid.get(run.data.tags.get("fewshot.pid", "")) if run else None
             if proc is not None and proc.poll() is None and freeze_mid_trial(proc, observer, trial.number):
+                # frozen between ending the trial's run and telling Optuna is not mid-trial: the run must be open
+                frozen_run = {r.info.run_id: r for r in all_runs(store)}.get(run.info.run_id)
+                if frozen_run is None or frozen_run.info.status != "RUNNING":
+                    os.kill(proc.pid, signal.SIGCONT)
+                    continue
                 victim, victim_trial = proc, trial.number
                 break
         time.sleep(0.05)
