@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fewshot.data import draw_labels, load_mnist
 from tests.synthetic import write_mnist_folder
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +24,18 @@ REAL_DATA_CANDIDATES = [os.environ.get("FEWSHOT_DATA_DIR", ""), str(PROJECT_ROOT
 def synthetic_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with 600 train and 200 test synthetic digits as gzip IDX files."""
     return write_mnist_folder(tmp_path_factory.mktemp("synthetic_mnist"))
+
+
+@pytest.fixture(scope="module")
+def mnist(synthetic_data_dir: Path):
+    """The synthetic digits loaded through the real IDX loader (once per test module)."""
+    return load_mnist(synthetic_data_dir)
+
+
+@pytest.fixture(scope="module")
+def draw(mnist):
+    """Draw 0 of 10 labels per class on the synthetic digits."""
+    return draw_labels(mnist.train_labels, seed=0, labels_per_class=10)
 
 
 @pytest.fixture(scope="session")

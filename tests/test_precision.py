@@ -62,16 +62,6 @@ def tiny_semisup(**changes) -> SemisupConfig:
     return replace(cfg, **changes)
 
 
-@pytest.fixture(scope="module")
-def mnist(synthetic_data_dir: Path):
-    return load_mnist(synthetic_data_dir)
-
-
-@pytest.fixture(scope="module")
-def draw(mnist):
-    return draw_labels(mnist.train_labels, seed=0, labels_per_class=10)
-
-
 @pytest.fixture
 def bf16_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """This CPU counts as one with native bf16 (the computation is real bf16 on any CPU; only speed differs)."""

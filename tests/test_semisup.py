@@ -15,7 +15,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fewshot import augment as aug
 from fewshot import report
-from fewshot.data import draw_labels, labeled_tensors, load_mnist, to_unit
+from fewshot.data import labeled_tensors, to_unit
 from fewshot.errors import UserError
 from fewshot.evaluate import predict_logits, topk_accuracy
 from fewshot.linear_head import cached_features
@@ -46,16 +46,6 @@ def tiny(**changes) -> SemisupConfig:
     cfg = SemisupConfig(init="random", width=8, steps=9, batch_size=8, mu=2, eval_every=3, progress=False,
                         threshold="flexmatch", dist_align=True, targets="ema", ema=0.9, tau=0.5)  # fmt: skip
     return replace(cfg, **changes)
-
-
-@pytest.fixture(scope="module")
-def mnist(synthetic_data_dir: Path):
-    return load_mnist(synthetic_data_dir)
-
-
-@pytest.fixture(scope="module")
-def draw(mnist):
-    return draw_labels(mnist.train_labels, seed=0, labels_per_class=10)
 
 
 def _digit7(n: int) -> torch.Tensor:
