@@ -114,10 +114,10 @@ def close_stale_trial_run(study: optuna.Study, trial: FrozenTrial) -> None:
     state = tracking.run_state(run_id)
     if state is None:
         return
-    status, _tags = state
+    status, tags = state
     if status == "RUNNING":
         tracking.set_run_status(run_id, "FAILED", note)
-    parent = tracking.parent_run_id(run_id)
+    parent = tracking.parent_from_tags(tags)  # from the tags just read: no second query
     parent_state = tracking.run_state(parent) if parent else None
     if parent_state is not None and parent_state[0] == "RUNNING":
         tracking.set_run_status(parent, "FAILED", {"fewshot.failure": f"worker lost during trial {trial.number}"})

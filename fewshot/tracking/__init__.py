@@ -18,6 +18,7 @@ from fewshot.tracking.queries import (
     find_finished_run,
     latest_run_id,
     logged_steps,
+    parent_from_tags,
     parent_run_id,
     pid_alive,
     reap_dead_runs,
@@ -59,7 +60,7 @@ __all__ = [
     "SCORE_TAG", "STORE_DIR", "TRACKING_ENV", "FetchedModel", "Tracker", "check_reachable", "checkpoint_root",
     "configure", "default_tracking_uri", "download_artifact", "fetch_model_files", "find_finished_run",
     "find_model_version", "git_commit", "is_mlflow_uri", "latest_run_id", "log_torch_model", "logged_steps",
-    "open_store", "parent_run_id", "pid_alive", "reap_dead_runs", "redact", "register_model_version", "run_exists", "run_state",
+    "open_store", "parent_from_tags", "parent_run_id", "pid_alive", "reap_dead_runs", "redact", "register_model_version", "run_exists", "run_state",
     "run_status", "run_summary", "running_runs", "set_run_status", "start_run", "step_tags",
     "tracking_uri",
 ]  # fmt: skip

@@ -41,10 +41,15 @@ def run_state(run_id: str) -> tuple[str, dict[str, str]] | None:
     return run.info.status, dict(run.data.tags)
 
 
+def parent_from_tags(tags: dict[str, str]) -> str | None:
+    """The parent run named by a run's tags (from ``run_state``), None for a top-level run."""
+    return tags.get(MLFLOW_PARENT_RUN_ID)
+
+
 def parent_run_id(run_id: str) -> str | None:
     """The run a nested run belongs to (MLflow's parent tag), None for a top-level or unknown run."""
     state = run_state(run_id)
-    return state[1].get(MLFLOW_PARENT_RUN_ID) if state is not None else None
+    return parent_from_tags(state[1]) if state is not None else None
 
 
 def running_runs(experiment_id: str, tags: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
