@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fewshot import augment as aug  # noqa: E402
 from fewshot.data import draw_labels, labeled_tensors, load_mnist  # noqa: E402
-from fewshot.device import configure_threads, pick_device, seed_everything  # noqa: E402
+from fewshot.device import PRECISIONS, Precision, configure_threads, pick_device, seed_everything  # noqa: E402
 from fewshot.encoder_source import DEFAULT_ENCODER, resolve_encoder  # noqa: E402
 from fewshot.evaluate import predict_logits, topk_accuracy  # noqa: E402
 from fewshot.linear_head import cached_features  # noqa: E402
@@ -50,7 +50,8 @@ def supervised_cnn(mnist, draw, device: torch.device, epochs: int) -> tuple[floa
 
 
 def probe_draw(encoder, mnist, draw, device: torch.device, args: argparse.Namespace) -> dict[str, float]:
-    features = cached_features(encoder, mnist, draw, device)
+    precision = Precision.choose(args.precision, device)
+    features = cached_features(encoder, mnist, draw, device, precision=precision)
     images = labeled_tensors(mnist, draw, device)
     row: dict[str, float] = {"draw": draw.seed, "feature_seconds": features.seconds}
     for probe in args.probes:
@@ -63,7 +64,8 @@ def probe_draw(encoder, mnist, draw, device: torch.device, args: argparse.Namesp
                                  encoder_lr_ratio=args.encoder_lr_ratio,
                                  tta_views=args.tta_views if probe == "finetune" else 0)  # fmt: skip
         ctx = ProbeContext(encoder=encoder, features=features, images=images, settings=settings,
-                           generator=seed_everything(draw.seed, device), device=device, mnist=mnist, draw=draw)  # fmt: skip
+                           generator=seed_everything(draw.seed, device), device=device, mnist=mnist, draw=draw,
+                           precision=precision)  # fmt: skip
         started = time.perf_counter()
         result = run_probe(probe, ctx)
         row[f"{probe}_top1"] = topk_accuracy(result.test_scores, features.y_test)[1]
@@ -144,6 +146,12 @@ def main() -> None:
     parser.add_argument("--baseline-epochs", type=int, default=1000, help="supervised CNN epochs; 0 skips it")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="the encoder's forward passes: auto (bf16 where native), fp32 or bf16",
+    )
     parser.add_argument("--out", default="outputs/probe_accuracy")
     args = parser.parse_args()
 

@@ -57,6 +57,9 @@ D = SemisupConfig()
 @click.option("--weak-strength", type=float, default=D.weak_strength, show_default=True)
 @click.option("--bar", type=click.FloatRange(0, 1), default=D.bar, show_default=True,
               help="Share of labeled and strong views given a short crossbar (crossed sevens and zeds).")  # fmt: skip
+@bool_option(
+    "--refit", D.refit, "Train on all 100 labels (the 25 validation images too); validation is then in-sample."
+)
 @bool_option("--head-warmup", D.head_warmup, "Start from a linear head fitted on the frozen encoder's features.")
 @click.option("--eval-every", type=int, default=D.eval_every, show_default=True,
               help="Steps between evaluations (and checkpoints).")  # fmt: skip
@@ -92,8 +95,14 @@ def main(**opts) -> None:
     out = run_semisup(SemisupConfig(**opts, **draw), checkpoint_dir=checkpoint_dir, run_name=run_name,
                       resume=resume, register=register)  # fmt: skip
     registered = f"; registered version {out['version']} ({out['alias']})" if "version" in out else ""
+    single = out.get("test_plain_top1")
+    shown = (
+        f"{single:.4f} single view, {out['test_top1']:.4f} with TTA"
+        if single is not None
+        else f"{out['test_top1']:.4f}"
+    )
     click.echo(
-        f"semisup: test top-1 {out['test_top1']:.4f}, top-5 {out['test_top5']:.4f}, validation top-1 "
+        f"semisup: test top-1 {shown}, top-5 {out['test_top5']:.4f}, validation top-1 "
         f"{out['val_top1']:.4f}, mask rate {out['final_mask_rate']:.3f}, {out['train_seconds'] / 60:.1f} min of "
         f"training{registered} (run {out['run_id']})"
     )

@@ -15,7 +15,7 @@ from fewshot import plots, tracking
 from fewshot.data import LabeledTensors, draw_labels, labeled_tensors, load_mnist
 from fewshot.device import Precision, check_precision, configure_threads, pick_device, place, seed_everything
 from fewshot.errors import UserError
-from fewshot.evaluate import evaluate_split
+from fewshot.evaluate import evaluate_split, single_view_metrics
 from fewshot.models import CLASSIFIERS, build_classifier
 from fewshot.train import FitConfig, fit, flat_params
 
@@ -103,9 +103,12 @@ def run_baseline(cfg: BaselineConfig, checkpoint_dir: str | Path | None = None) 
         if cfg.refit:
             model = refit_on_all_labels(cfg, data, result.epochs_run, generator, augment_fn, tracker, precision)
         test_topk, test_matrix = evaluate_split(model, data.x_test, data.y_test, cfg.tta_views, cfg.seed, precision)
-        plain_top1 = (evaluate_split(model, data.x_test, data.y_test, precision=precision)[0][1] if cfg.tta_views
-                      else test_topk[1])  # fmt: skip
-        tracker.log_metrics({"test_plain_top1": plain_top1})
+        plain_topk = (
+            evaluate_split(model, data.x_test, data.y_test, precision=precision)[0] if cfg.tta_views else test_topk
+        )
+        plain_top1 = plain_topk[1]
+        if cfg.tta_views:
+            tracker.log_metrics(single_view_metrics(plain_topk))
         wall = time.perf_counter() - started
         tracker.log_evaluation("test", test_topk, test_matrix, f"{cfg.model}, seed {cfg.seed}: test confusion")
         tracker.log_metrics({"wall_seconds": wall})

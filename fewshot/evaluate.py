@@ -97,6 +97,11 @@ def evaluate_split(
     return topk_accuracy(logits, y), confusion_matrix(y.cpu(), logits.argmax(1).cpu())
 
 
+def single_view_metrics(topk: dict[int, float]) -> dict[str, float]:
+    """A test-time-augmented job's single-view test top-k, under the names the report reads."""
+    return {f"test_plain_top{k}": value for k, value in topk.items()}
+
+
 def confusion_matrix(targets: torch.Tensor, predictions: torch.Tensor, n_classes: int = NUM_CLASSES) -> torch.Tensor:
     """Counts with true classes on rows and predicted classes on columns."""
     flat = targets.long() * n_classes + predictions.long()

@@ -21,7 +21,7 @@ from fewshot.embedding import METHODS as EMBEDDINGS
 from fewshot.embedding import embedding_figure
 from fewshot.encoder_source import DEFAULT_ENCODER, EncoderSource, resolve_encoder
 from fewshot.errors import UserError
-from fewshot.evaluate import confusion_matrix, predict_logits, topk_accuracy
+from fewshot.evaluate import confusion_matrix, predict_logits, single_view_metrics, topk_accuracy
 from fewshot.linear_head import FeatureSet, cached_features, encode
 from fewshot.models import with_feature_grid
 from fewshot.probe import DEFAULT_FEATURE_GRID, PROBES, ProbeContext, ProbeResult, ProbeSettings, run_probe
@@ -190,7 +190,7 @@ def log_probe_result(
     # consistency of the logged classifier with the scores measured above (images in, scores out)
     own_scores = result.test_scores if result.plain_test_scores is None else result.plain_test_scores
     if result.plain_test_scores is not None:
-        tracker.log_metrics({"test_plain_top1": topk_accuracy(result.plain_test_scores, features.y_test)[1]})
+        tracker.log_metrics(single_view_metrics(topk_accuracy(result.plain_test_scores, features.y_test)))
     with precision_context(precision):
         check = predict_logits(result.classifier, images.x_test[:500])
     # under bf16 the classifier runs its head in bf16 where the probe scored fp32 features: 1% of the scale

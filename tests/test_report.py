@@ -28,7 +28,7 @@ def test_table_rows_come_from_logged_runs(tracking_store: str, tmp_path: Path) -
     rows = {line.split(" | ")[0].lstrip("| "): line for line in built.markdown.splitlines() if line.startswith("| ")}
     cnn_row = rows["CNN (report's)"].split(" | ")
     assert cnn_row[1] == f"{100 * statistics.mean(cnn):.2f} ± {100 * statistics.stdev(cnn):.2f}"
-    assert cnn_row[2] == "93.00" and cnn_row[5] == "3" and cnn_row[6] == "60 s"
+    assert cnn_row[2] == "93.00" and cnn_row[3] == "" and cnn_row[6] == "3" and cnn_row[7] == "60 s"
     assert rows["MoCo + linear"].split(" | ")[1] == "96.00 ± 0.00"
     assert "Report: MoCo + linear" in rows and "Published: Bad GAN" in rows
     assert "MLP1" not in rows  # no MLP1 run was logged, so no invented row
@@ -51,3 +51,16 @@ def test_failed_runs_are_left_out(tracking_store: str) -> None:
 def test_empty_store_is_a_clear_error(tracking_store: str) -> None:
     with pytest.raises(UserError, match="no finished runs"):
         report.build_report([], "t")
+
+
+def test_top1_column_is_single_view_and_tta_stands_beside(tracking_store: str) -> None:
+    plain = _fake_run({"job": "linear_eval", "probe": "linear", "seed": 0}, 0.96, 5, 95)
+    with tracking.start_run(run_name="tta", tags={"job": "semisup", "init": "moco", "seed": "0"}) as run:
+        run.log_metrics({"test_top1": 0.99, "test_top2": 1.0, "test_top5": 1.0, "test_plain_top1": 0.98,
+                         "test_plain_top2": 0.995, "test_plain_top5": 0.999, "wall_seconds": 9})  # fmt: skip
+        with_tta = run.run_id
+    built = report.build_report([plain, with_tta], "t")
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in built.markdown.splitlines()}
+    assert rows["MoCo + semi-supervised"][1:5] == ["98.00 ± 0.00", "98.00", "99.00", "99.50"]
+    assert rows["MoCo + linear"][1:4] == ["96.00 ± 0.00", "96.00", ""]  # no TTA: no figure in that column
+    assert "MoCo + semi-supervised,0.980000,0.000000,0.980000,0.990000,0.995000" in built.csv

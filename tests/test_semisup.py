@@ -34,6 +34,7 @@ from fewshot.semisup import (
     train_semisup,
 )
 from fewshot.semisup.job import run_semisup
+from fewshot.semisup.loop import SemisupTrainer
 from fewshot.train import FitConfig
 from tests.conftest import run_cli
 from tests.encoders import same_weights, tiny_encoder, write_checkpoint
@@ -151,6 +152,16 @@ def test_labeled_and_unlabeled_pools_are_disjoint(mnist, draw) -> None:
     leaky = dataclasses.replace(draw, unlabeled_idx=torch.cat([draw.unlabeled_idx, draw.val_idx[:1]]))
     with pytest.raises(RuntimeError, match="contains labeled images"):
         semisup_data(mnist, leaky, "cpu")
+
+
+def test_refit_trains_on_all_100_labels_and_leaves_the_pool_alone(mnist, draw) -> None:
+    data = semisup_data(mnist, draw, "cpu")
+    refit = SemisupTrainer(tiny(refit=True), data, prepare_model(tiny(), data, None)).data
+    assert refit.x_train.shape[0] == 100 and torch.equal(refit.x_train[75:], data.x_val)
+    assert torch.equal(refit.y_train, torch.cat([data.y_train, data.y_val]))
+    assert torch.equal(refit.x_val, data.x_val) and torch.equal(refit.pool, data.pool)  # validation kept, in-sample
+    plain = SemisupTrainer(tiny(refit=False), data, prepare_model(tiny(), data, None)).data
+    assert plain.x_train.shape[0] == 75 and data.x_train.shape[0] == 75  # the caller's data is not changed
 
 
 def test_the_unlabeled_pools_true_labels_never_reach_the_loss(mnist, draw) -> None:

@@ -335,7 +335,8 @@ class SemisupTarget(TrainedClassifierTarget):
         base = {"init": cfg.encoder, "seed": cfg.seed, "device": str(data.device), "progress": False,
                 "eval_test": False, "steps": steps, "eval_every": steps, "labels_per_class": cfg.labels_per_class,
                 "n_labels": cfg.n_labels, "precision": cfg.precision}  # fmt: skip
-        self.base = {**base, **cfg.semisup_overrides}
+        # no refit: the held-out fold scores the trial and must stay out of its training
+        self.base = {**base, **cfg.semisup_overrides, "refit": False}
         SemisupConfig(**self.base).validate()
         random_init = self.base["init"].strip() == RANDOM_INIT
         self.encoder = None if random_init else resolve_encoder(self.base["init"], option="--encoder")[0]

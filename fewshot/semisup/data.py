@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -16,6 +16,12 @@ class SemisupData(LabeledTensors):
     pool: torch.Tensor  # (N, 28, 28) uint8, the unlabeled images
     pool_idx: torch.Tensor  # their indices into the MNIST training set
     pool_labels: torch.Tensor | None = None  # monitoring only: never reaches the loss
+
+    def with_validation_in_training(self) -> SemisupData:
+        """The 25 validation images join the labeled training images (a refit); the validation split
+        stays for monitoring, now in-sample."""
+        x, y = torch.cat([self.x_train, self.x_val]), torch.cat([self.y_train, self.y_val])
+        return replace(self, x_train=x, y_train=y)
 
 
 def semisup_data(mnist: MNIST, draw: LabeledDraw, device: torch.device | str, with_test: bool = True) -> SemisupData:

@@ -17,7 +17,7 @@ from fewshot import plots, tracking
 from fewshot.data import MNIST, LabeledDraw, draw_labels, load_mnist
 from fewshot.device import Precision, configure_threads, pick_device
 from fewshot.encoder_source import resolve_encoder
-from fewshot.evaluate import confusion_matrix, predict_logits, topk_accuracy
+from fewshot.evaluate import confusion_matrix, predict_logits, single_view_metrics, topk_accuracy
 from fewshot.jobs.tracked import JobStart, Registration, TrackedJob
 from fewshot.models import EncoderClassifier, build_encoder
 from fewshot.names import CLASSIFIER_MODEL
@@ -122,7 +122,7 @@ def _log_scores(job: TrackedJob, cfg: SemisupConfig, data: SemisupData, result: 
     test_logits, plain_logits = final_test_scores(classifier, data.x_test, cfg)
     single_view: dict[str, float] = {}  # with TTA, the classifier's own single-view figure beside
     if cfg.tta_views:
-        single_view["test_plain_top1"] = topk_accuracy(plain_logits, data.y_test)[1]
+        single_view = single_view_metrics(topk_accuracy(plain_logits, data.y_test))
     val_topk = topk_accuracy(val_logits, data.y_val)
     test_topk = topk_accuracy(test_logits, data.y_test)
     tracker.log_evaluation("val", val_topk, confusion_matrix(data.y_val.cpu(), val_logits.argmax(1).cpu()),

@@ -108,6 +108,8 @@ class SemisupTrainer:
 
     def __init__(self, cfg: SemisupConfig, data: SemisupData, model: EncoderClassifier) -> None:
         cfg.validate()
+        if cfg.refit:  # the head warm-up (prepare_model) kept the 75/25 split; training sees all labels
+            data = data.with_validation_in_training()
         self.cfg, self.data, self.model = cfg, data, model
         self.device = data.x_train.device
         self.cuda = self.device.type == "cuda"
