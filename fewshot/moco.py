@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,9 +31,17 @@ from fewshot.errors import UserError
 class SplitBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d that, in training, normalises ``num_splits`` equal sub-batches separately.
 
-    One ``batch_norm`` call over a (N/S, C*S, H, W) view does all splits at once (split i
-    holds the images whose index is i modulo S); the running statistics are the mean over splits. In eval mode it is a plain BatchNorm2d.
+    Split i holds the images whose index is i modulo S; the running statistics are the mean
+    over splits. In eval mode it is a plain BatchNorm2d. Two ways to the same numbers:
+
+    - NCHW (the fp32 CPU path, unchanged): one ``batch_norm`` call over a (N/S, C*S, H, W) view.
+    - channels-last bf16 on the CPU: that view would cost an NHWC -> NCHW copy, and the NCHW
+      output would leave the ReLU, max-pool (about 8x slower in NCHW bf16) and next convolution
+      on the slow layout; ``_SplitBatchNormChannelsLast`` keeps channels-last instead.
     """
+
+    # False sends every input down the NCHW path (benchmarks and tests compare the two)
+    channels_last_path: bool = True
 
     def __init__(self, num_features: int, num_splits: int, **kwargs) -> None:
         super().__init__(num_features, **kwargs)
@@ -46,6 +55,10 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         if n % s:
             raise ValueError(f"batch of {n} does not split into {s} batch-norm groups")
         self.num_batches_tracked += 1
+        if self._keeps_channels_last(x):
+            return _SplitBatchNormChannelsLast.apply(
+                x, self.weight, self.bias, self.running_mean, self.running_var, s, self.momentum, self.eps
+            )
         mean_split = self.running_mean.repeat(s)
         var_split = self.running_var.repeat(s)
         out = F.batch_norm(
@@ -56,6 +69,79 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
             self.running_mean.copy_(mean_split.view(s, c).mean(0))
             self.running_var.copy_(var_split.view(s, c).mean(0))
         return out
+
+    def _keeps_channels_last(self, x: torch.Tensor) -> bool:
+        """bf16, channels-last (and not also NCHW, as a 1x1 map is), on the CPU, with running
+        statistics: fp32 never comes here, so the fp32 path stays bit for bit what it was."""
+        return (
+            self.channels_last_path and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            and self.track_running_stats and self.momentum is not None
+        )  # fmt: skip
+
+
+def _group(x5: torch.Tensor, g: int, out: torch.Tensor) -> torch.Tensor:
+    """Split ``g`` of ``x5`` (N/S, S, C, H, W; channels-last strides) copied into ``out`` (N/S, H, W, C),
+    returned as a dense channels-last (N/S, C, H, W): the fast batch-norm kernels need dense input
+    (on the strided split directly, forward is ~5x and backward ~14x slower)."""
+    out.copy_(x5[:, g].permute(0, 2, 3, 1))
+    return out.permute(0, 3, 1, 2)
+
+
+class _SplitBatchNormChannelsLast(torch.autograd.Function):
+    """Split batch-norm on a channels-last (N, C, H, W) batch, same splits (index modulo S) and
+    statistics as the NCHW path: per split, one copy in, the native kernel, one copy out, all
+    in channels-last; the (N/S, S, C, H, W) view that selects a split is free on that layout."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+        running_mean: torch.Tensor, running_var: torch.Tensor, s: int, momentum: float, eps: float,
+    ) -> torch.Tensor:  # fmt: skip
+        n, c, h, w = x.shape
+        x5 = x.view(n // s, s, c, h, w)
+        y = torch.empty_like(x, memory_format=torch.channels_last)
+        y5 = y.view(n // s, s, c, h, w)
+        dense = torch.empty((s, n // s, h, w, c), dtype=x.dtype, device=x.device)  # split-major copy of x
+        # each split updates its own copy of the running statistics, averaged after (as the NCHW path)
+        means, variances = running_mean.repeat(s, 1), running_var.repeat(s, 1)
+        saved = []
+        for g in range(s):
+            out, mean, invstd = torch.native_batch_norm(
+                _group(x5, g, dense[g]), weight, bias, means[g], variances[g], True, momentum, eps
+            )
+            y5[:, g].copy_(out)
+            saved += [mean, invstd]
+        running_mean.copy_(means.mean(0))
+        running_var.copy_(variances.mean(0))
+        ctx.save_for_backward(dense, weight, *saved)
+        ctx.splits, ctx.eps = s, eps
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        dense, weight, *saved = ctx.saved_tensors
+        s = ctx.splits
+        n, c, h, w = grad_y.shape
+        g5 = grad_y.contiguous(memory_format=torch.channels_last).view(n // s, s, c, h, w)
+        grad_x = torch.empty_like(grad_y, memory_format=torch.channels_last)
+        gx5 = grad_x.view(n // s, s, c, h, w)
+        grad_split = torch.empty((n // s, h, w, c), dtype=grad_y.dtype, device=grad_y.device)
+        mask = list(ctx.needs_input_grad[:3])
+        grad_w = grad_b = None
+        for g in range(s):
+            dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+                _group(g5, g, grad_split), dense[g].permute(0, 3, 1, 2), weight, None, None,
+                saved[2 * g], saved[2 * g + 1], True, ctx.eps, mask,
+            )  # fmt: skip
+            if mask[0]:
+                gx5[:, g].copy_(dx)
+            if mask[1]:
+                grad_w = dw if grad_w is None else grad_w + dw
+            if mask[2]:
+                grad_b = db if grad_b is None else grad_b + db
+        return grad_x if mask[0] else None, grad_w, grad_b, None, None, None, None, None
 
 
 def convert_split_bn(module: nn.Module, num_splits: int) -> nn.Module:

@@ -127,6 +127,80 @@ def test_split_batchnorm_normalises_each_sub_batch_and_keeps_the_state_dict():
     assert torch.allclose(split(x), F.batch_norm(x, split.running_mean, split.running_var, split.weight, split.bias))
 
 
+CL = torch.channels_last
+
+
+def _split_bn_pair(channels: int, splits: int) -> tuple[SplitBatchNorm2d, SplitBatchNorm2d]:
+    """Two split-BNs with the same non-trivial state; the second always takes the NCHW path."""
+    torch.manual_seed(0)
+    fast = SplitBatchNorm2d(channels, num_splits=splits)
+    with torch.no_grad():
+        fast.weight.uniform_(0.5, 1.5), fast.bias.normal_()
+        fast.running_mean.normal_(), fast.running_var.uniform_(0.5, 2.0)
+    nchw = SplitBatchNorm2d(channels, num_splits=splits)
+    nchw.load_state_dict(fast.state_dict())
+    nchw.channels_last_path = False
+    return fast, nchw
+
+
+def _bn_batch(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A channels-last batch whose images differ in mean (a wrong grouping shows) and a gradient for it."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 8, 5, 6, generator=gen) * 3 + torch.arange(16.0).view(16, 1, 1, 1)
+    grad = torch.randn(16, 8, 5, 6, generator=gen)
+    return x.to(dtype).contiguous(memory_format=CL), grad.to(dtype).contiguous(memory_format=CL)
+
+
+def _bn_step(bn: SplitBatchNorm2d, x: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Two training forwards (the running statistics move twice) and one backward."""
+    bn(x)
+    x = x.detach().requires_grad_()
+    out = bn(x)
+    out.backward(grad)
+    return {"out": out, "grad_x": x.grad, "grad_w": bn.weight.grad, "grad_b": bn.bias.grad,
+            "mean": bn.running_mean, "var": bn.running_var, "tracked": bn.num_batches_tracked}  # fmt: skip
+
+
+def test_channels_last_split_batchnorm_under_bf16_matches_the_nchw_path_and_keeps_the_layout():
+    fast, nchw = _split_bn_pair(8, 4)
+    x, grad = _bn_batch(torch.bfloat16)
+    got, ref = _bn_step(fast, x, grad), _bn_step(nchw, x, grad)
+    assert got["out"].dtype == got["grad_x"].dtype == torch.bfloat16
+    assert got["out"].is_contiguous(memory_format=CL) and got["grad_x"].is_contiguous(memory_format=CL)
+    assert not ref["out"].is_contiguous(memory_format=CL), "the NCHW path hands back NCHW (what this avoids)"
+    for key in ("out", "grad_x"):  # bf16 results: within a bf16 rounding of the NCHW path's
+        torch.testing.assert_close(got[key].float(), ref[key].float(), rtol=2**-7, atol=1e-2)
+    for key in ("grad_w", "grad_b", "mean", "var"):  # fp32 sums and statistics of the same bf16 inputs
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-4)
+    assert int(got["tracked"]) == int(ref["tracked"]) == 2
+    # the groups are still images i, i + 4, i + 8, ... (index modulo the splits)
+    expected = F.batch_norm(x[1::4].float(), None, None, fast.weight, fast.bias, True, 0.0, fast.eps)
+    torch.testing.assert_close(got["out"][1::4].float(), expected.detach(), rtol=2**-7, atol=1e-2)
+    # the same inputs give the same numbers, bit for bit
+    again = _bn_step(_split_bn_pair(8, 4)[0], x, grad)
+    assert all(torch.equal(v, again[k]) for k, v in got.items())
+    fast.eval()  # eval mode: a plain BatchNorm2d on the running statistics
+    assert torch.equal(fast(x), F.batch_norm(x, fast.running_mean, fast.running_var, fast.weight, fast.bias))
+
+
+def test_split_batchnorm_fp32_takes_the_nchw_path_bit_for_bit_and_the_kernel_agrees_in_fp32():
+    x, grad = _bn_batch(torch.float32)
+    fast, nchw = _split_bn_pair(8, 4)
+    got, ref = _bn_step(fast, x, grad), _bn_step(nchw, x, grad)
+    assert all(torch.equal(v, ref[k]) for k, v in got.items()), "fp32 never takes the channels-last path"
+    # the channels-last computation itself, run on fp32: the NCHW path's numbers up to the summation order
+    fast, _ = _split_bn_pair(8, 4)
+    kernel = SplitBatchNorm2d._keeps_channels_last
+    try:
+        SplitBatchNorm2d._keeps_channels_last = lambda self, x: True
+        forced = _bn_step(fast, x, grad)
+    finally:
+        SplitBatchNorm2d._keeps_channels_last = kernel
+    assert forced["out"].is_contiguous(memory_format=CL)
+    for key, value in forced.items():
+        torch.testing.assert_close(value, ref[key], rtol=1e-5, atol=1e-5)
+
+
 def test_schedules():
     assert cosine_momentum(0.99, 0.0) == pytest.approx(0.99)
     assert cosine_momentum(0.99, 1.0) == pytest.approx(1.0)

@@ -23,7 +23,7 @@ from fewshot.device import FP32, NATIVE_BF16_ENV, Precision, cpu_has_native_bf16
 from fewshot.errors import UserError
 from fewshot.hpo import HpoConfig
 from fewshot.linear_eval import LinearEvalConfig
-from fewshot.moco import MoCo
+from fewshot.moco import MoCo, SplitBatchNorm2d
 from fewshot.models import build_classifier, build_encoder
 from fewshot.pretrain import PretrainConfig, load_checkpoint, pretrain
 from fewshot.pretrain.job import run_pretrain
@@ -201,6 +201,40 @@ def test_moco_under_bf16_keeps_logits_loss_queue_and_momentum_update_in_fp32() -
     assert torch.allclose(written, torch.ones_like(written), atol=1e-6)
     assert all(p.dtype == torch.float32 for p in model.parameters()), "query and momentum-updated key weights"
     assert all(b.dtype == torch.float32 for n, b in model.named_buffers() if "running" in n), "BN statistics"
+
+
+def test_channels_last_split_bn_leaves_fp32_moco_bit_identical_and_bf16_moco_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # three MoCo steps (split-BN 4, channels-last everywhere) with the channels-last split-BN on and off
+    def steps(precision: Precision, channels_last_path: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
+        monkeypatch.setattr(SplitBatchNorm2d, "channels_last_path", channels_last_path)
+        torch.manual_seed(0)
+        model = MoCo(build_encoder("digit", 4), k=64, bn_splits=4, generator=torch.Generator().manual_seed(0))
+        model = model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.query_parameters(), lr=0.1, momentum=0.9)
+        generator = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(3):
+            x1, x2 = (
+                x.contiguous(memory_format=torch.channels_last)
+                for x in torch.rand(2, 32, 1, 28, 28, generator=generator)
+            )
+            with precision.autocast():
+                loss, _ = model(x1, x2, 0.9, generator)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return losses, model.state_dict()
+
+    fp32_on, fp32_off = steps(FP32, True), steps(FP32, False)
+    assert fp32_on[0] == fp32_off[0] and _state_equal(fp32_on[1], fp32_off[1]), "fp32 is untouched"
+    bf16_on, bf16_off = steps(Precision("bf16"), True), steps(Precision("bf16"), False)
+    assert bf16_on[0] == pytest.approx(bf16_off[0], rel=2e-2), "bf16: the same method within bf16 rounding"
+    assert not _state_equal(bf16_on[1], bf16_off[1]), "bf16 really took the channels-last path"
+    again = steps(Precision("bf16"), True)
+    assert again[0] == bf16_on[0] and _state_equal(again[1], bf16_on[1]), "and repeats exactly"
 
 
 def test_semisup_under_bf16_keeps_losses_pseudo_labels_and_ema_in_fp32(mnist, draw) -> None:
