@@ -115,24 +115,35 @@ def library_figures(steps: int, warmup: int, workers: int, mnist: MNIST, draw: L
     return clock.figures(defaults.batch_size, warmup)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per measurement")
+def timing_parser(doc: str | None, steps: int, rounds: int, rounds_help: str, out: str) -> argparse.ArgumentParser:
+    """The options every throughput benchmark here shares (this one and ``split_bn_throughput.py``)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (kernels, allocator)")
-    parser.add_argument("--rounds", type=int, default=2, help="fp32 / auto alternations (best round kept)")
-    parser.add_argument("--library-steps", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the library-style loop")
+    parser.add_argument("--rounds", type=int, default=rounds, help=rounds_help)
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: as the loops, every core)")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default="outputs/precision_throughput.json")
-    args = parser.parse_args()
+    parser.add_argument("--out", default=out)
+    return parser
 
+
+def timing_data(args: argparse.Namespace) -> tuple[MNIST, LabeledDraw]:
+    """Threads as asked, then MNIST and draw 0 (whose pool the timed loops read)."""
     configure_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
     mnist = load_mnist(args.data_dir)
-    draw = draw_labels(mnist.train_labels, 0)
+    return mnist, draw_labels(mnist.train_labels, 0)
+
+
+def main() -> None:
+    parser = timing_parser(__doc__, 6, 2, "fp32 / auto alternations (best round kept)",
+                           "outputs/precision_throughput.json")  # fmt: skip
+    parser.add_argument("--library-steps", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the library-style loop")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    mnist, draw = timing_data(args)
     resolved = resolve_precision("auto", args.device)
     started = time.perf_counter()
     results: dict[str, object] = {

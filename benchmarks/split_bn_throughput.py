@@ -18,7 +18,6 @@ each figure is the median over rounds; ratios compare figures of the same run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -28,29 +27,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.precision_throughput import moco_figures  # noqa: E402
-from fewshot.data import draw_labels, load_mnist  # noqa: E402
-from fewshot.device import configure_threads  # noqa: E402
+from benchmarks.precision_throughput import moco_figures, timing_data, timing_parser  # noqa: E402
 from fewshot.moco import SplitBatchNorm2d  # noqa: E402
 
 VARIANTS = {"fp32": ("fp32", False), "bf16-nchw-bn": ("bf16", False), "bf16": ("bf16", True)}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (kernels, allocator)")
-    parser.add_argument("--rounds", type=int, default=5, help="alternations of the three variants")
-    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: as the loop, every core)")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--out", default="outputs/split_bn_throughput.json")
-    args = parser.parse_args()
-
-    configure_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    mnist = load_mnist(args.data_dir)
-    draw = draw_labels(mnist.train_labels, 0)
+    args = timing_parser(
+        __doc__, 8, 5, "alternations of the three variants", "outputs/split_bn_throughput.json"
+    ).parse_args()
+    mnist, draw = timing_data(args)
     rounds: dict[str, list[tuple[float, float, float]]] = {name: [] for name in VARIANTS}
     for round_ in range(args.rounds):
         for name, (precision, channels_last_path) in VARIANTS.items():
