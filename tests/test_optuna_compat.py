@@ -98,3 +98,32 @@ def test_every_storage_records_heartbeats(url: str, tmp_path: Path) -> None:
     from optuna.storages._heartbeat import is_heartbeat_enabled
 
     assert is_heartbeat_enabled(open_storage(url.format(tmp=tmp_path)))
+
+
+@pytest.mark.parametrize("url", ["journal:///{tmp}/j.log", "sqlite:///{tmp}/o.db"])
+def test_workers_failing_one_stale_trial_at_once_queue_one_retry(url: str, tmp_path: Path) -> None:
+    """Every worker runs fail_stale_trials before its next trial; when several see the same stale
+    trial at once, exactly one may fail it, or each would queue a retry of it (SQLite ignores the
+    SELECT ... FOR UPDATE that Optuna's RDBStorage relies on for this)."""
+    url = url.format(tmp=tmp_path)
+    storages = [open_storage(url) for _ in range(4)]
+    study = optuna.create_study(storage=storages[0], study_name="race")
+    study_id = storages[0].get_study_id_from_name("race")
+    for _ in range(20):  # the race is a matter of timing: give it many chances
+        number = study.ask().number
+        trial_id = storages[0].get_trial_id_from_study_id_trial_number(study_id, number)
+        gate, wins = threading.Barrier(len(storages)), []
+
+        def fail(storage: optuna.storages.BaseStorage) -> None:
+            gate.wait()
+            try:
+                wins.append(storage.set_trial_state_values(trial_id, TrialState.FAIL))
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass
+
+        threads = [threading.Thread(target=fail, args=(s,)) for s in storages]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert wins == [True], f"trial {number}: {len(wins)} workers failed it"

@@ -1,5 +1,5 @@
 """The one place that reaches into Optuna below its public API: heartbeats on the journal file,
-and on a database server that goes away for a moment.
+on a database server that goes away for a moment, and one worker (not all) failing a stale trial.
 
 RDBStorage records trial heartbeats and fails stale trials out of the box. Optuna's journal
 storage does not (checked up to ``CHECKED_OPTUNA``), and the only way to give it the same
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
 import optuna
@@ -75,6 +75,25 @@ class SteadyHeartbeatRDBStorage(RDBStorage):
             super().record_heartbeat(trial_id)
         except (optuna.exceptions.StorageInternalError, SQLAlchemyError):
             pass  # the next beat tries again; an outage longer than the grace period still reads as a dead worker
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
+        """Failing a RUNNING trial is a compare-and-set: when several workers find the same stale
+        trial at once, one fails it and the others get UpdateFinishedTrialError, as Optuna's
+        fail_stale_trials expects. Optuna reads the state with SELECT ... FOR UPDATE, which
+        SQLite ignores, so without this every worker wins and each queues a retry."""
+        if state != TrialState.FAIL or values is not None:
+            return super().set_trial_state_values(trial_id, state, values)
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(self.scoped_session, True) as session:
+            changed = (
+                session.query(models.TrialModel)
+                .filter(models.TrialModel.trial_id == trial_id, models.TrialModel.state == TrialState.RUNNING)
+                .update({"state": TrialState.FAIL, "datetime_complete": datetime.now()}, synchronize_session=False)
+            )
+        # not RUNNING: finished (Optuna raises UpdateFinishedTrialError) or WAITING (Optuna's own path)
+        return True if changed else super().set_trial_state_values(trial_id, state, values)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         stale = super()._get_stale_trial_ids(study_id)
