@@ -100,6 +100,25 @@ def test_every_storage_records_heartbeats(url: str, tmp_path: Path) -> None:
     assert is_heartbeat_enabled(open_storage(url.format(tmp=tmp_path)))
 
 
+def fail_at_once(storages: list[optuna.storages.BaseStorage], trial_id: int) -> list[bool]:
+    """Every storage (a worker) tries to fail the trial at the same moment; the successes."""
+    gate, wins = threading.Barrier(len(storages)), []
+
+    def fail(storage: optuna.storages.BaseStorage) -> None:
+        gate.wait()
+        try:
+            wins.append(storage.set_trial_state_values(trial_id, TrialState.FAIL))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+
+    threads = [threading.Thread(target=fail, args=(s,)) for s in storages]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return wins
+
+
 @pytest.mark.parametrize("url", ["journal:///{tmp}/j.log", "sqlite:///{tmp}/o.db"])
 def test_workers_failing_one_stale_trial_at_once_queue_one_retry(url: str, tmp_path: Path) -> None:
     """Every worker runs fail_stale_trials before its next trial; when several see the same stale
@@ -112,18 +131,5 @@ def test_workers_failing_one_stale_trial_at_once_queue_one_retry(url: str, tmp_p
     for _ in range(20):  # the race is a matter of timing: give it many chances
         number = study.ask().number
         trial_id = storages[0].get_trial_id_from_study_id_trial_number(study_id, number)
-        gate, wins = threading.Barrier(len(storages)), []
-
-        def fail(storage: optuna.storages.BaseStorage) -> None:
-            gate.wait()
-            try:
-                wins.append(storage.set_trial_state_values(trial_id, TrialState.FAIL))
-            except optuna.exceptions.UpdateFinishedTrialError:
-                pass
-
-        threads = [threading.Thread(target=fail, args=(s,)) for s in storages]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
+        wins = fail_at_once(storages, trial_id)
         assert wins == [True], f"trial {number}: {len(wins)} workers failed it"
