@@ -49,13 +49,16 @@ def run_one(cfg: SemisupConfig, mnist, encoder, device) -> dict:
     data = semisup_data(mnist, draw, device)
     started = time.perf_counter()
     model = prepare_model(cfg, data, encoder)
+    setup_minutes = (time.perf_counter() - started) / 60  # the head warm-up of a pretrained init
     result = train_semisup(cfg, data, model)
     minutes = (time.perf_counter() - started) / 60
     scores, plain = final_test_scores(result.model, data.x_test, cfg)
     test, test_plain = topk_accuracy(scores, data.y_test)[1], topk_accuracy(plain, data.y_test)[1]
     val = topk_accuracy(predict_logits(result.model, data.x_val), data.y_val)[1]
     last = result.history[-1]
-    curve = " ".join(f"{int(h['step'])}:{h.get('test_acc', float('nan')):.4f}" for h in result.history)
+    # step:test top-1:minutes (set-up plus training so far; evaluations not counted), one point per evaluation
+    curve = " ".join(f"{int(h['step'])}:{h.get('test_acc', float('nan')):.4f}:{setup_minutes + h['train_seconds'] / 60:.3f}"
+                     for h in result.history)  # fmt: skip
     return {"draw": cfg.seed, "init": "moco" if encoder is not None else RANDOM_INIT, "test_top1": test,
             "test_plain_top1": test_plain, "val_top1": val, "minutes": minutes, "steps": result.steps,
             "mask_rate": last["mask_rate"], "pseudo_acc": last.get("pseudo_acc", float("nan")), "curve": curve}  # fmt: skip
