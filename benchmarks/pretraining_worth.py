@@ -1,0 +1,160 @@
+"""What MoCo pretraining is worth to the semi-supervised step: test top-1 against CPU-minutes for
+MoCo-initialised and random-initialised runs of the same recipe on the same label draws, with the
+pretraining's minutes counted (a) once per 3-draw study, as `main` shares one encoder across its
+draws, and (b) once per draw.
+
+Reads the CSVs of ``benchmarks/semisup_accuracy.py`` (each curve point carries its minutes; a later
+file's row replaces an earlier one of the same draw and init), draws one panel per way of counting,
+prints the paired comparison at equal minutes, and logs the figure and the figures behind it to the
+tracking store (experiment ``benchmarks``, run ``pretraining-worth``). Equal minutes: the random run
+is read at the MoCo pipeline's minutes (its run plus the pretraining's share). Give the random runs
+about those minutes (``--inits random --steps N``): one that ended sooner is compared with its final
+model (the summary says so), one that runs longer with a model whose learning rate has not yet
+decayed. Single-view test top-1 of the evaluated (EMA) model; nothing here chooses anything.
+
+    python benchmarks/pretraining_worth.py --csv outputs/moco.csv outputs/random.csv --pretrain-minutes 4.7
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fewshot import tracking  # noqa: E402
+
+Curve = list[tuple[float, float]]  # (minutes, test top-1), in order
+
+
+@dataclass(frozen=True)
+class Counting:
+    label: str  # how the pretraining's minutes are counted
+    share: float  # the fraction of the pretraining charged to one draw
+
+
+def read_curves(path: Path) -> dict[str, dict[int, Curve]]:
+    """init -> draw -> curve, from the ``curve`` column (``step:top1:minutes`` points)."""
+    curves: dict[str, dict[int, Curve]] = {}
+    with path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            points = [point.split(":") for point in row["curve"].split()]
+            if any(len(point) != 3 for point in points):
+                raise SystemExit(f"{path}: draw {row['draw']} ({row['init']}) has no minutes on its curve; "
+                                 "rerun it with the current benchmarks/semisup_accuracy.py")  # fmt: skip
+            curves.setdefault(row["init"], {})[int(row["draw"])] = [(float(m), float(a)) for _, a, m in points]
+    return curves
+
+
+def accuracy_at(curve: Curve, minutes: float, offset: float = 0.0) -> float:
+    """Test top-1 of the last model evaluated by ``minutes`` (``offset`` minutes spent before the
+    run began); nan before the first evaluation."""
+    seen = [accuracy for at, accuracy in curve if at + offset <= minutes + 1e-9]
+    return seen[-1] if seen else float("nan")
+
+
+def paired_gains(moco: dict[int, Curve], random: dict[int, Curve], offset: float) -> dict[int, tuple[float, float]]:
+    """Per paired draw, at the MoCo pipeline's minutes (its run plus ``offset`` of pretraining):
+    MoCo's final test top-1 minus random's at those minutes, and the random run's own minutes.
+    A random run that ended sooner is compared with its final model: it had fewer minutes."""
+    gains = {}
+    for draw in sorted(set(moco) & set(random)):
+        budget = moco[draw][-1][0] + offset
+        gains[draw] = (moco[draw][-1][1] - accuracy_at(random[draw], budget), random[draw][-1][0])
+    return gains
+
+
+def mean_curve(curves: dict[int, Curve], offset: float, grid: list[float]) -> list[float]:
+    """Mean over draws of the step-wise curves on ``grid`` (nan until every draw has a point)."""
+    return [statistics.mean(accuracy_at(c, m, offset) for c in curves.values()) for m in grid]
+
+
+def draw_panel(ax, moco: dict[int, Curve], random: dict[int, Curve], offset: float, title: str) -> None:
+    end = max(max(c[-1][0] for c in random.values()), max(c[-1][0] for c in moco.values()) + offset)
+    grid = [end * i / 400 for i in range(401)]
+    for curves, shift, colour, name in (
+        (moco, offset, "tab:blue", "MoCo init"),
+        (random, 0.0, "tab:orange", "random init"),
+    ):
+        for curve in curves.values():
+            ax.plot([m + shift for m, _ in curve], [100 * a for _, a in curve], color=colour, alpha=0.25, lw=0.8)
+        ax.step(grid, [100 * a for a in mean_curve(curves, shift, grid)], where="post", color=colour, lw=2,
+                label=f"{name}, mean of {len(curves)} draws")  # fmt: skip
+    if offset > 0:
+        ax.axvspan(0, offset, color="tab:blue", alpha=0.08, label=f"MoCo pretraining ({offset:.1f} min)")
+    finals = [100 * c[-1][1] for c in (*moco.values(), *random.values())]
+    ax.set_ylim(max(min(finals) - 3, 90 if min(finals) > 93 else 0), min(max(finals) + 0.5, 100))  # the last points
+    ax.set(title=title, xlabel="CPU-minutes (2 threads), pretraining included", ylabel="test top-1 % (single view)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+
+
+def summary(moco, random, pretrain_minutes: float, countings: list[Counting]) -> tuple[str, dict[str, float]]:
+    lines, metrics = [], {}
+    for counting in countings:
+        offset = counting.share * pretrain_minutes
+        gains = paired_gains(moco, random, offset)
+        values = [100 * gain for gain, _ in gains.values()]
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        metrics["gain_per_study" if counting.share < 1 else "gain_per_draw"] = statistics.mean(values)
+        budget = statistics.mean(moco[d][-1][0] + offset for d in gains)
+        random_minutes = statistics.mean(minutes for _, minutes in gains.values())
+        line = (f"- {counting.label}: MoCo minus random at the MoCo pipeline's {budget:.1f} min a draw: "
+                f"{statistics.mean(values):+.2f} ± {spread:.2f} points over {len(values)} paired draws "
+                f"({' / '.join(f'{v:+.2f}' for v in values)})")  # fmt: skip
+        if random_minutes < budget - 0.25:  # the random runs were shorter: the comparison favours MoCo
+            line += (f"; the random runs took {random_minutes:.1f} min, so they had {budget - random_minutes:.1f} "
+                     f"min less (rerun them with about {budget / random_minutes:.2f}x the steps for equal minutes)")  # fmt: skip
+        lines.append(line)
+    return "\n".join(lines) + "\n", metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--csv", nargs="+", required=True,
+                        help="semisup_accuracy.py's CSVs with the moco and random rows (random may run more steps)")  # fmt: skip
+    parser.add_argument("--pretrain-minutes", type=float, required=True,
+                        help="MoCo pretraining's minutes (its run's last elapsed_s / 60)")  # fmt: skip
+    parser.add_argument("--draws-per-study", type=int, default=3, help="draws that share one encoder in `main`")
+    parser.add_argument("--out", default="outputs/pretraining_worth")
+    args = parser.parse_args()
+    if args.pretrain_minutes < 0 or args.draws_per_study < 1:
+        parser.error("--pretrain-minutes must be >= 0 and --draws-per-study >= 1")
+    moco, random = {}, {}
+    for path in args.csv:
+        curves = read_curves(Path(path))
+        moco.update(curves.get("moco", {}))
+        random.update(curves.get("random", {}))
+    if not set(moco) & set(random):
+        parser.error(f"{' '.join(args.csv)}: no draw has both a moco and a random row")
+    countings = [Counting(f"(a) pretraining once per {args.draws_per_study}-draw study", 1 / args.draws_per_study),
+                 Counting("(b) pretraining once per draw", 1.0)]  # fmt: skip
+    text, metrics = summary(moco, random, args.pretrain_minutes, countings)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, counting in zip(axes, countings, strict=True):
+        draw_panel(ax, moco, random, counting.share * args.pretrain_minutes, counting.label)
+    fig.tight_layout()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+    out.with_suffix(".md").write_text(text)
+    with tracking.start_run(run_name="pretraining-worth", experiment="benchmarks", tags={"job": "benchmark"}) as run:
+        run.log_params({"csv": " ".join(args.csv), "pretrain_minutes": args.pretrain_minutes,
+                        "draws_per_study": args.draws_per_study})  # fmt: skip
+        run.log_metrics(metrics)
+        run.log_figure(fig, "pretraining_worth.png")
+        run.log_text(text, "pretraining_worth.md")
+    print(text + f"(written to {out}.png and {out}.md; logged to run pretraining-worth)")
+
+
+if __name__ == "__main__":
+    main()
