@@ -87,3 +87,38 @@ def test_parent_run_id_names_the_run_a_step_nests_under(tracking_store: str) -> 
         pass
     assert tracking.parent_run_id(step.run_id) == parent.run_id
     assert tracking.parent_run_id(parent.run_id) is None and tracking.parent_run_id("0" * 32) is None
+
+
+def test_workers_registering_one_winner_at_once_keep_one_version(tracking_store: str) -> None:
+    """Two HPO workers that finish a study together both register its winner: one version stays
+    (the lowest), with its alias, and the other worker is told which one it is."""
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    with tracking.start_run(run_name="fake-moco", tags={"job": "moco_pretrain"}) as tracker:
+        encoder = tiny_encoder(seed=1)
+        uri = tracker.log_torch_model(encoder, "encoder", {"kind": "encoder", "arch": "digit", "width": 4,
+                                                           "feature_dim": encoder.feature_dim})  # fmt: skip
+    for trial in range(3):
+        ident = {"study": "s", "trial": str(trial)}
+        gate, results = threading.Barrier(2), []
+
+        def register(ident: dict[str, str] = ident, gate: threading.Barrier = gate, results: list = results) -> None:
+            gate.wait()
+            results.append(
+                tracking.register_model_version(uri, ENCODER_NAME, 0.5 + int(ident["trial"]), once_per=ident)
+            )
+
+        threads = [threading.Thread(target=register) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        client = MlflowClient()
+        kept = [
+            v for v in client.search_model_versions(f"name = '{ENCODER_NAME}'") if v.tags.get("trial") == str(trial)
+        ]
+        assert len(kept) == 1, f"trial {trial}: versions {[v.version for v in kept]}"
+        assert {version for version, _ in results} == {str(kept[0].version)}
+        assert str(client.get_model_version_by_alias(ENCODER_NAME, "champion").version) == str(kept[0].version)

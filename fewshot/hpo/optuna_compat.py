@@ -1,5 +1,6 @@
 """The one place that reaches into Optuna below its public API: heartbeats on the journal file,
-on a database server that goes away for a moment, and one worker (not all) failing a stale trial.
+storage calls and heartbeats through a database server that goes away for a moment, and one
+worker (not all) failing a stale trial.
 
 RDBStorage records trial heartbeats and fails stale trials out of the box. Optuna's journal
 storage does not (checked up to ``CHECKED_OPTUNA``), and the only way to give it the same
@@ -14,16 +15,18 @@ versions they were checked against: a release that changes them fails that test 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError, PendingRollbackError, SQLAlchemyError
 
 # Optuna releases whose private heartbeat interface this module was read against
 CHECKED_OPTUNA = ("4.9", "5.0", "5.1")
@@ -65,10 +68,58 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         return self._stale_callback
 
 
+OUTAGE_SECONDS = 30.0  # how long a storage call on a database server waits for it to come back
+# the storage calls a worker makes (Optuna's public storage API); the heartbeat has its own handling
+RIDE_OUT = (
+    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
+    "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
+    "get_all_studies", "create_new_trial", "set_trial_param", "get_trial_id_from_study_id_trial_number",
+    "get_trial_number_from_id", "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
+    "set_trial_user_attr", "set_trial_system_attr", "get_trial", "get_all_trials", "get_n_trials",
+    "_get_stale_trial_ids",
+)  # fmt: skip
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """A refused, dropped or invalidated database connection somewhere in ``exc``'s chain (a
+    server restart, a network cut), as opposed to a constraint or a bad query."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (OperationalError, InterfaceError, DisconnectionError, PendingRollbackError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _riding_out_outages(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def call(self: SteadyHeartbeatRDBStorage, *args: Any, **kwargs: Any) -> Any:
+        deadline = time.monotonic() + (OUTAGE_SECONDS if self.rides_out_outages else 0.0)
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except (optuna.exceptions.StorageInternalError, SQLAlchemyError) as exc:
+                if not connection_lost(exc) or time.monotonic() >= deadline:
+                    raise
+                self.remove_session()  # a session whose connection died cannot be rolled back; start afresh
+                time.sleep(1.0)
+
+    return call
+
+
 class SteadyHeartbeatRDBStorage(RDBStorage):
-    """RDBStorage whose heartbeat skips a beat while the database server is unreachable.
-    Optuna's heartbeat thread ends at the first error, after which other workers would fail
-    this live trial as stale once the grace period passes, however short the outage was."""
+    """RDBStorage that rides out a database server going away for a moment.
+
+    On a server (not SQLite, whose locks have their own timeout) every storage call that meets a
+    lost connection is retried for up to ``OUTAGE_SECONDS``, so a worker carries on through a
+    restart instead of dying inside Optuna (where a failed ``tell`` surfaced as an
+    UnboundLocalError, and one inside the sampler as StorageInternalError). The heartbeat skips
+    a beat meanwhile: Optuna's heartbeat thread ends at the first error, after which other
+    workers would fail this live trial as stale once the grace period passed."""
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.rides_out_outages = not url.startswith("sqlite")
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:
@@ -117,3 +168,7 @@ class SteadyHeartbeatRDBStorage(RDBStorage):
             )
             have_beat = {row[0] for row in beaten}
         return [trial_id for trial_id in old if trial_id not in have_beat]
+
+
+for _name in RIDE_OUT:
+    setattr(SteadyHeartbeatRDBStorage, _name, _riding_out_outages(getattr(SteadyHeartbeatRDBStorage, _name)))

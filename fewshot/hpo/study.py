@@ -22,6 +22,7 @@ from fewshot.errors import UserError
 from fewshot.hpo import distributed
 from fewshot.hpo import storage as st
 from fewshot.hpo.config import HpoConfig
+from fewshot.hpo.optuna_compat import connection_lost
 from fewshot.hpo.summary import log_study_summary
 from fewshot.hpo.targets import make_target
 from fewshot.hpo.trials import (
@@ -122,8 +123,11 @@ def _storage_outage_stops(url: str, name: str) -> Iterator[None]:
     and the trial that was running is retried once its heartbeat goes stale."""
     try:
         yield
-    except (optuna.exceptions.StorageInternalError, SQLAlchemyError) as exc:
-        cause = str(exc.__cause__ or exc).strip().splitlines()
+    except Exception as exc:
+        # Optuna can mask the storage error: a failed tell surfaces as UnboundLocalError, the storage error in its chain
+        if not isinstance(exc, (optuna.exceptions.StorageInternalError, SQLAlchemyError)) and not connection_lost(exc):
+            raise
+        cause = str(exc.__cause__ or exc.__context__ or exc).strip().splitlines()
         raise UserError(
             f"the Optuna storage {tracking.redact(url)} failed mid-study ({cause[0][:200] if cause else type(exc).__name__}); "
             f"rerun the same command to rejoin study {name}"
@@ -219,8 +223,9 @@ def _register(study: optuna.Study, best: FrozenTrial, test: dict[str, float], me
     found = tracking.find_model_version(ENCODER_MODEL, ident)
     if found is not None:
         return found[0], (found[1][0] if found[1] else "none")
-    tags = {**ident, "val_measure": measure, "test_top1": f"{test['test_top1']:.6f}",
+    tags = {"val_measure": measure, "test_top1": f"{test['test_top1']:.6f}",
             "test_score": "report-only (never used to pick the champion)",
             "source_run": best.user_attrs.get(RUN_ATTR, ""), "params": json.dumps(best.params)}  # fmt: skip
-    version, alias = tracking.register_model_version(best.user_attrs[MODEL_ATTR], ENCODER_MODEL, best.value, tags)
+    version, alias = tracking.register_model_version(best.user_attrs[MODEL_ATTR], ENCODER_MODEL, best.value, tags,
+                                                     once_per=ident)  # fmt: skip
     return str(version), alias

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,30 +40,53 @@ def _latest_version(client: MlflowClient, name: str):
 
 
 def register_model_version(
-    model_uri: str, name: str, score: float, tags: dict[str, Any] | None = None
+    model_uri: str, name: str, score: float, tags: dict[str, Any] | None = None, once_per: dict[str, str] | None = None
 ) -> tuple[str, str]:
     """Register ``model_uri`` as a new version of ``name`` and give it an alias.
 
     ``score`` is the validation measure (higher is better, labeled training data only),
     stored as the version tag ``val_score``. The new version takes the ``champion`` alias
     when there is no champion or it beats the champion's score; otherwise it becomes the
-    ``challenger``. Returns (version, alias).
+    ``challenger``. With ``once_per`` (tags that identify what is registered, e.g. a study's
+    winning trial), workers that register the same thing at the same moment keep one version:
+    the lowest, whose registrar sets its alias; the others delete theirs. Returns (version, alias).
     """
     client = MlflowClient()
     score = round(score, 6)  # compared as stored: a tie with the champion's tag is not a win
     all_tags = {key: param_text(value) for key, value in {**(tags or {}), SCORE_TAG: f"{score:.6f}"}.items()}
-    version = mlflow.register_model(model_uri, name, tags=all_tags).version
+    version = str(mlflow.register_model(model_uri, name, tags={**all_tags, **(once_per or {})}).version)
+    if once_per:
+        first = _lowest_version_with(client, name, once_per)
+        if first is not None and int(first) < int(version):
+            client.delete_model_version(name, version)
+            return first, "set by the worker that registered it"
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
         champion_score = _version_score(client, name, champion.version)
     except MlflowException:
         champion, champion_score = None, None
-    if champion is None or champion_score is None or score > champion_score:
-        alias = CHAMPION
-    else:
-        alias = CHALLENGER
-    client.set_registered_model_alias(name, alias, version)
+    alias = CHAMPION if champion is None or champion_score is None or score > champion_score else CHALLENGER
+    _set_alias(client, name, alias, version)
     return version, alias
+
+
+def _lowest_version_with(client: MlflowClient, name: str, tags: dict[str, str]) -> str | None:
+    versions = client.search_model_versions(f"name = '{name}'", max_results=1000)
+    found = [int(v.version) for v in versions if all(v.tags.get(k) == value for k, value in tags.items())]
+    return str(min(found)) if found else None
+
+
+def _set_alias(client: MlflowClient, name: str, alias: str, version: str, tries: int = 5) -> None:
+    """Set an alias; two registrars setting one at once can collide in the store (a duplicate key
+    on PostgreSQL), and the next try updates the row the other one wrote."""
+    for attempt in range(tries):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 # ---------------------------------------------------------------- reading logged models back

@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import PROJECT_ROOT
-from tests.postgres_server import PostgresUnavailable, start_postgres
+from tests.postgres_server import PostgresServer, PostgresUnavailable, start_postgres
 
 TIMING_KEYS = {"images_per_s", "elapsed_s", "augment_share", "evaluate_s", "wall_seconds", "head_seconds"}
 
@@ -100,6 +100,7 @@ def kill_when(proc: subprocess.Popen, condition, timeout: float = 240, poll: flo
 class Postgres:
     url: str  # postgresql://user:password@127.0.0.1:port/db (the password shows redaction works)
     port: int
+    server: PostgresServer  # stop() / start(): a restart under running clients
 
 
 @pytest.fixture(scope="session")
@@ -111,6 +112,6 @@ def postgres() -> Iterator[Postgres]:
     except PostgresUnavailable as exc:
         pytest.skip(str(exc))
     try:
-        yield Postgres(url=server.url("optuna"), port=server.port)
+        yield Postgres(url=server.url("optuna"), port=server.port, server=server)
     finally:
         server.close()

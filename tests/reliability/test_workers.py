@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
+from fewshot.hpo.storage import open_storage
 from tests.hpo_helpers import LOCKED, freeze_mid_trial, write_encoder_checkpoint
 from tests.reliability.conftest import all_runs, child_env, finish, running, start_job
 
@@ -126,3 +128,23 @@ def test_two_workers_on_a_real_postgresql_server(postgres, synthetic_data_dir: P
     check_study(study, store, 6, workers=2)
     for run in all_runs(store):
         assert "s3cret-pw" not in str(run.data.params) + str(run.data.tags), "no password in params or tags"
+
+
+def test_the_storage_rides_out_a_postgresql_restart(postgres) -> None:
+    """A worker's storage calls wait for a database server that went away for a moment (up to
+    optuna_compat.OUTAGE_SECONDS) instead of failing inside Optuna."""
+    storage = open_storage(postgres.url, heartbeat_interval=1)
+    study = optuna.create_study(storage=storage, study_name=f"outage-{os.getpid()}-{time.time_ns()}")
+    study_id = storage.get_study_id_from_name(study.study_name)
+    trial = study.ask()
+    postgres.server.stop("fast")
+    restart = threading.Timer(3.0, postgres.server.start)
+    restart.start()
+    try:
+        started = time.monotonic()
+        study.tell(trial, 0.5)  # the database is down for the first seconds of this call
+        waited = time.monotonic() - started
+    finally:
+        restart.join(60)
+    assert waited >= 2.0, "the call met the outage"
+    assert [t.value for t in storage.get_all_trials(study_id)] == [0.5]

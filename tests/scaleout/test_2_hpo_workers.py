@@ -12,7 +12,6 @@ import signal
 import time
 
 import optuna
-import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.storages import RDBStorage
@@ -88,12 +87,6 @@ def finish_or_stop_cleanly(job: Job, host: Machine, stack: Stack, outputs: dict[
     return start_worker(host, stack)
 
 
-@pytest.mark.skipif(
-    os.environ.get("FEWSHOT_SCALEOUT_FAULTS") != "1",
-    reason="intermittent (3 of 5 runs fail in the PostgreSQL-restart path: Optuna's UnboundLocalError "
-    "'updated_state', StorageInternalError raised inside the TPE sampler, an MLflow alias duplicate-key "
-    "race); issue 17 stays open until it passes every time; FEWSHOT_SCALEOUT_FAULTS=1 runs it",
-)
 def test_two_workers_one_study_through_a_killed_worker_and_a_postgres_restart(stack: Stack, machine, client):
     before = champion_score(client)
     host_b, host_c = machine("hpo-host-b", EXPERIMENT), machine("hpo-host-c", EXPERIMENT)
