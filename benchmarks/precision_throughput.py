@@ -137,9 +137,9 @@ def timing_data(args: argparse.Namespace) -> tuple[MNIST, LabeledDraw]:
 
 
 def main() -> None:
-    parser = timing_parser(__doc__, 6, 2, "fp32 / auto alternations (best round kept)",
+    parser = timing_parser(__doc__, 24, 3, "fp32 / auto alternations (best round kept)",
                            "outputs/precision_throughput.json")  # fmt: skip
-    parser.add_argument("--library-steps", type=int, default=8)
+    parser.add_argument("--library-steps", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the library-style loop")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
