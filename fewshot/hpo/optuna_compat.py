@@ -77,6 +77,8 @@ RIDE_OUT = (
     "get_trial_number_from_id", "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
     "set_trial_user_attr", "set_trial_system_attr", "get_trial", "get_all_trials", "get_n_trials",
     "_get_stale_trial_ids",
+    # what Optuna's _CachedStorage, which wraps every RDBStorage a study uses, calls instead (private)
+    "_set_trial_param", "_create_new_trial", "_get_trials", "_get_best_trial_id",
 )  # fmt: skip
 
 

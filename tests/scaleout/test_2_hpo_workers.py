@@ -125,10 +125,13 @@ def test_two_workers_one_study_through_a_killed_worker_and_a_postgres_restart(st
     children = [r for r in runs if r.data.tags.get("job") == "hpo-trial"]
     assert len(parents) == len(outputs), "one parent run per worker process"
     assert not [t.number for t in trials if t.state == TrialState.RUNNING], "no trial left RUNNING"
-    # a trial created just as the database went away fails before its objective starts: no child run
-    started = sorted(t.number for t in trials if "mlflow_run_id" in t.user_attrs)
+    # a trial created just as the database went away fails before its objective starts: no child run;
+    # a retry still WAITING when the study reached its trials carries its dead original's attributes
+    started = sorted(t.number for t in trials if "mlflow_run_id" in t.user_attrs and t.state != TrialState.WAITING)
     assert all(t.number in started for t in trials if t.state in FINISHED)
-    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == started, "one child run per trial"
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == started, (
+        f"one child run per trial: {[(t.number, t.state.name, t.system_attrs.get('failed_trial')) for t in trials]}"
+    )
     for child in children:
         parent = parents[child.data.tags["mlflow.parentRunId"]]
         assert parent.data.tags["fewshot.hpo_worker"].endswith(":" + child.data.tags["fewshot.pid"]), "own worker"
