@@ -215,18 +215,13 @@ def _mlmodel_run_id(model_dir: Path) -> str | None:
 
 
 def find_model_version(name: str, tags: dict[str, str]) -> tuple[str, list[str]] | None:
-    """(version, its aliases) of the first version of ``name`` carrying all ``tags``, or None."""
+    """(version, its aliases) of the lowest version of ``name`` carrying all ``tags``, or None."""
     client = MlflowClient()
     try:
-        versions = client.search_model_versions(f"name = '{name}'", max_results=1000)
+        version = _lowest_version_with(client, name, tags)
     except MlflowException:
         return None
-    for version in versions:
-        if all(version.tags.get(k) == v for k, v in tags.items()):
-            aliases = [
-                a
-                for a, v in (client.get_registered_model(name).aliases or {}).items()
-                if str(v) == str(version.version)
-            ]
-            return str(version.version), aliases
-    return None
+    if version is None:
+        return None
+    aliases = [a for a, v in (client.get_registered_model(name).aliases or {}).items() if str(v) == version]
+    return version, aliases
