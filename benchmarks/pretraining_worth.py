@@ -10,7 +10,10 @@ tracking store (experiment ``benchmarks``, run ``pretraining-worth``). Equal min
 is read at the end of its schedule when it took the MoCo pipeline's minutes (its run plus the
 pretraining's share) within 5%. Give the random runs about those minutes (``--inits random
 --steps N``): one that ended sooner is compared with its final model, one that ran longer at the
-MoCo pipeline's minutes, mid-schedule; the summary names each such draw. Single-view test top-1 of the evaluated (EMA) model; nothing here chooses anything.
+MoCo pipeline's minutes, mid-schedule; the summary names each such draw. On a noisy machine,
+``--steady-minutes`` charges every run the median minutes a step of all runs (MoCo and random init
+train the same network, so a step costs the same). Single-view test top-1 of the evaluated (EMA)
+model; nothing here chooses anything.
 
     python benchmarks/pretraining_worth.py --csv outputs/moco.csv outputs/random.csv --pretrain-minutes 4.7
 """
@@ -43,17 +46,31 @@ class Counting:
     share: float  # the fraction of the pretraining charged to one draw
 
 
-def read_curves(path: Path) -> dict[str, dict[int, Curve]]:
-    """init -> draw -> curve, from the ``curve`` column (``step:top1:minutes`` points)."""
+def read_curves(path: Path, minutes_a_step: float | None = None) -> dict[str, dict[int, Curve]]:
+    """init -> draw -> curve, from the ``curve`` column (``step:top1:minutes`` points); with
+    ``minutes_a_step``, each point's minutes are its step times that instead of the measured ones."""
     curves: dict[str, dict[int, Curve]] = {}
+    for row, points in _curve_rows(path):
+        curves.setdefault(row["init"], {})[int(row["draw"])] = [
+            (float(m) if minutes_a_step is None else int(step) * minutes_a_step, float(a)) for step, a, m in points
+        ]
+    return curves
+
+
+def median_minutes_a_step(paths: list[Path]) -> float:
+    """The median over every run in ``paths`` of its minutes over its steps."""
+    return statistics.median(float(points[-1][2]) / int(points[-1][0]) for path in paths
+                             for _, points in _curve_rows(path))  # fmt: skip
+
+
+def _curve_rows(path: Path):
     with path.open(newline="") as handle:
         for row in csv.DictReader(handle):
             points = [point.split(":") for point in row["curve"].split()]
-            if any(len(point) != 3 for point in points):
+            if not points or any(len(point) != 3 for point in points):
                 raise SystemExit(f"{path}: draw {row['draw']} ({row['init']}) has no minutes on its curve; "
                                  "rerun it with the current benchmarks/semisup_accuracy.py")  # fmt: skip
-            curves.setdefault(row["init"], {})[int(row["draw"])] = [(float(m), float(a)) for _, a, m in points]
-    return curves
+            yield row, points
 
 
 def accuracy_at(curve: Curve, minutes: float, offset: float = 0.0) -> float:
@@ -143,14 +160,18 @@ def main() -> None:
                         help="semisup_accuracy.py's CSVs with the moco and random rows (random may run more steps)")  # fmt: skip
     parser.add_argument("--pretrain-minutes", type=float, required=True,
                         help="MoCo pretraining's minutes (its run's last elapsed_s / 60)")  # fmt: skip
+    parser.add_argument("--steady-minutes", action="store_true",
+                        help="charge every run the median minutes a step of all runs (a noisy machine)")  # fmt: skip
     parser.add_argument("--draws-per-study", type=int, default=3, help="draws that share one encoder in `main`")
     parser.add_argument("--out", default="outputs/pretraining_worth")
     args = parser.parse_args()
     if args.pretrain_minutes < 0 or args.draws_per_study < 1:
         parser.error("--pretrain-minutes must be >= 0 and --draws-per-study >= 1")
     moco, random = {}, {}
-    for path in args.csv:
-        curves = read_curves(Path(path))
+    paths = [Path(path) for path in args.csv]
+    minutes_a_step = median_minutes_a_step(paths) if args.steady_minutes else None
+    for path in paths:
+        curves = read_curves(path, minutes_a_step)
         moco.update(curves.get("moco", {}))
         random.update(curves.get("random", {}))
     paired = set(moco) & set(random)
@@ -160,6 +181,8 @@ def main() -> None:
     countings = [Counting(f"(a) pretraining once per {args.draws_per_study}-draw study", 1 / args.draws_per_study),
                  Counting("(b) pretraining once per draw", 1.0)]  # fmt: skip
     text, metrics = summary(moco, random, args.pretrain_minutes, countings)
+    if minutes_a_step is not None:
+        text = f"Minutes: steps x {minutes_a_step:.5f} (the median minutes a step of every run read).\n" + text
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, counting in zip(axes, countings, strict=True):
         draw_panel(ax, moco, random, counting.share * args.pretrain_minutes, counting.label)
@@ -170,7 +193,7 @@ def main() -> None:
     out.with_suffix(".md").write_text(text)
     with tracking.start_run(run_name="pretraining-worth", experiment="benchmarks", tags={"job": "benchmark"}) as run:
         run.log_params({"csv": " ".join(args.csv), "pretrain_minutes": args.pretrain_minutes,
-                        "draws_per_study": args.draws_per_study})  # fmt: skip
+                        "draws_per_study": args.draws_per_study, "minutes_a_step": minutes_a_step})  # fmt: skip
         run.log_metrics(metrics)
         run.log_figure(fig, "pretraining_worth.png")
         run.log_text(text, "pretraining_worth.md")
