@@ -37,7 +37,7 @@ def test_steady_minutes_charge_every_run_the_median_step(tmp_path: Path) -> None
     rows = {"moco": "100:0.98:1.0 200:0.985:4.0", "random": "100:0.97:1.0 250:0.99:2.5"}  # 0.02 and 0.01 a step
     path = tmp_path / "runs.csv"
     path.write_text("draw,init,curve\n" + "".join(f"0,{init},{curve}\n" for init, curve in rows.items()))
-    assert median_minutes_a_step([path, path]) == pytest.approx(0.015)
+    assert median_minutes_a_step([path]) == pytest.approx(0.015)  # the median of 0.02 and 0.01
     curves = read_curves(path, minutes_a_step=0.015)
     assert curves["moco"][0] == [(1.5, 0.98), (3.0, 0.985)]  # the slowed second half no longer counts
     assert read_curves(path)["random"][0] == [(1.0, 0.97), (2.5, 0.99)]  # measured minutes by default
