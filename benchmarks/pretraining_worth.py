@@ -89,11 +89,19 @@ class Pairing:
     @property
     def mismatch(self) -> str:
         """'' when the random run took the MoCo pipeline's minutes (within ``SAME_MINUTES``)."""
-        if self.random_minutes < self.budget * (1 - SAME_MINUTES):
-            return "ended sooner"  # compared with its final model, which had fewer minutes
-        if self.random_minutes > self.budget * (1 + SAME_MINUTES):
-            return "read before its schedule ended"  # its learning rate had not decayed yet
-        return ""
+        return {
+            -1: "ended sooner",  # compared with its final model, which had fewer minutes
+            0: "",
+            1: "read before its schedule ended",  # its learning rate had not decayed yet
+        }[_minutes_against(self.random_minutes, self.budget)]
+
+
+def _minutes_against(spent: float, budget: float) -> int:
+    """-1, 0 or 1: the random run took fewer minutes than ``budget``, the same (within
+    ``SAME_MINUTES``) or more."""
+    if spent < budget * (1 - SAME_MINUTES):
+        return -1
+    return 1 if spent > budget * (1 + SAME_MINUTES) else 0
 
 
 def paired_gains(moco: dict[int, Curve], random: dict[int, Curve], offset: float) -> dict[int, Pairing]:
@@ -104,7 +112,7 @@ def paired_gains(moco: dict[int, Curve], random: dict[int, Curve], offset: float
     for draw in sorted(set(moco) & set(random)):
         budget = moco[draw][-1][0] + offset
         spent, final = random[draw][-1]
-        at = final if spent <= budget * (1 + SAME_MINUTES) else accuracy_at(random[draw], budget)
+        at = accuracy_at(random[draw], budget) if _minutes_against(spent, budget) > 0 else final
         gains[draw] = Pairing(moco[draw][-1][1] - at, budget, spent)
     return gains
 
