@@ -19,7 +19,7 @@ labels, so every draw sees the same label-free pretraining.
 from __future__ import annotations
 
 import argparse
-import csv
+import shutil
 import sys
 import time
 import warnings
@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.csv_rows import write_rows  # noqa: E402
 from fewshot.data import MNIST, draw_labels, load_mnist, to_unit  # noqa: E402
 from fewshot.device import configure_threads  # noqa: E402
 from fewshot.evaluate import extract_features, knn_scores  # noqa: E402
@@ -69,10 +70,10 @@ def linear_probe(
     test_y: np.ndarray,
     seed: int = 0,
     normalize: bool = False,
-) -> tuple[float, float]:
-    """Test accuracy of the CV-tuned linear probe and the chosen C."""
-    model, c, _ = fit_linear_probe(train_x, train_y, seed, normalize)
-    return float((model.predict(test_x) == test_y).mean()), c
+) -> tuple[float, float, float]:
+    """Test accuracy of the CV-tuned linear probe, the chosen C and its 5-fold CV accuracy on the labels."""
+    model, c, cv = fit_linear_probe(train_x, train_y, seed, normalize)
+    return float((model.predict(test_x) == test_y).mean()), c, cv
 
 
 def probe_draws(
@@ -94,12 +95,13 @@ def probe_draws(
         labels = mnist.train_labels[idx]
         knn = knn_scores(feats, labels.to(device), test_f, k=20, temperature=0.1).argmax(1).cpu()
         out[f"knn_draw{draw.seed}"] = float((knn == test_y).float().mean())
-        acc, c = linear_probe(
+        acc, c, cv = linear_probe(
             feats.cpu().numpy(), labels.numpy(), test_f.cpu().numpy(), test_y.numpy(), draw.seed, normalize
         )
         out[f"linear_draw{draw.seed}"] = acc
         out[f"C_draw{draw.seed}"] = c
-    for kind in ("knn", "linear"):
+        out[f"cv_draw{draw.seed}"] = cv
+    for kind in ("knn", "linear", "cv"):
         values = [out[f"{kind}_draw{d.seed}"] for d in draws]
         out[f"{kind}_mean"] = float(np.mean(values))
         out[f"{kind}_std"] = float(np.std(values))
@@ -126,6 +128,10 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="outputs/moco_accuracy.csv")
+    parser.add_argument(
+        "--checkpoint-dir", default=None,
+        help="keep each epoch's checkpoint as <dir>/epoch<N>.pt (for probe_accuracy.py --encoder)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     configure_threads()
@@ -163,17 +169,24 @@ def main() -> None:
         print(
             f"epoch {row['epoch']:3d}  {minutes:6.2f} min  {row['images_per_s']:7.0f} img/s  loss {row['loss']:.3f}  "
             f"kNN {row['knn_mean']:.4f}  linear {row['linear_mean']:.4f} "
-            "(" + " / ".join(f"{row['linear_draw' + str(d.seed)]:.4f}" for d in draws) + ")",
+            "("
+            + " / ".join(f"{row['linear_draw' + str(d.seed)]:.4f}" for d in draws)
+            + f")  CV on labels {row['cv_mean']:.4f}",
             flush=True,
         )
 
-    pretrain(cfg, mnist, draws[0], on_epoch=on_epoch, evaluate=evaluate)
+    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+
+    def keep_epoch(path: Path) -> None:  # the pretraining rewrites last.pt every epoch; keep a copy of each
+        shutil.copyfile(path, path.with_name(f"epoch{len(rows)}.pt"))
+
+    pretrain(
+        cfg, mnist, draws[0], on_epoch=on_epoch, evaluate=evaluate,
+        checkpoint_path=checkpoint_dir / "last.pt" if checkpoint_dir else None,
+        on_checkpoint=keep_epoch if checkpoint_dir else None,
+    )  # fmt: skip
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(out, rows)
     final = rows[-1]
     verdict = "meets" if final["linear_mean"] >= 0.955 and final["linear_mean"] > SUPERVISED_CNN_MEAN else "misses"
     print(

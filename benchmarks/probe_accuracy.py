@@ -14,7 +14,6 @@ time on those cached features is reported on its own (the issue asks for under 1
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.csv_rows import write_rows  # noqa: E402
 from fewshot import augment as aug  # noqa: E402
 from fewshot.data import draw_labels, labeled_tensors, load_mnist  # noqa: E402
 from fewshot.device import PRECISIONS, Precision, configure_threads, pick_device, seed_everything  # noqa: E402
@@ -169,10 +169,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(table)
-    with out.with_suffix(".csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(out.with_suffix(".csv"), rows)
     print("\n" + table + f"\n(written to {out.with_suffix('.md')} and {out.with_suffix('.csv')}; device {device})")
 
 
