@@ -48,6 +48,11 @@ D = SemisupConfig()
 @click.option("--threshold", type=click.Choice(THRESHOLDS), default=D.threshold, show_default=True,
               help="fixed: --tau for every class; flexmatch: per-class thresholds from each class's learning status.")  # fmt: skip
 @bool_option("--dist-align", D.dist_align, "Align weak predictions with the labeled class distribution.")
+@click.option("--graph-k", type=click.IntRange(0, 100), default=D.graph_k, show_default=True,
+              help="Smooth each pseudo-label over its image's K nearest training images in the starting "
+                   "encoder's embedding (CoMatch-style memory); 0: off.")  # fmt: skip
+@click.option("--graph-alpha", type=click.FloatRange(0, 1, min_open=True), default=D.graph_alpha, show_default=True,
+              help="Weight of the image's own prediction in a smoothed pseudo-label (the rest: its neighbours').")  # fmt: skip
 @click.option("--targets", type=click.Choice(TARGET_MODELS), default=D.targets, show_default=True,
               help="Model that labels the weak views: the online model or its EMA.")  # fmt: skip
 @click.option("--ema", type=float, default=D.ema, show_default=True,

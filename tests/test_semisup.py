@@ -61,6 +61,19 @@ def _without_timing(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in h.items() if k not in TIMING} for h in history]
 
 
+def killed_at_step_6(step: int, metrics: dict) -> None:
+    """An ``on_eval`` that stops a run at its step-6 evaluation, before that checkpoint is written."""
+    if step == 6:
+        raise KeyboardInterrupt
+
+
+def interrupted_at_step_6(cfg: SemisupConfig, data, path: Path) -> dict:
+    """Train until the step-6 evaluation stops the run; the checkpoint it left behind."""
+    with pytest.raises(KeyboardInterrupt):
+        train_semisup(cfg, data, prepare_model(cfg, data, None), on_eval=killed_at_step_6, checkpoint_path=path)
+    return load_checkpoint(path)
+
+
 # ---------------------------------------------------------------- the pseudo-label mask
 
 
@@ -191,15 +204,8 @@ def test_resume_reproduces_the_uninterrupted_run(mnist, draw, tmp_path: Path) ->
     cfg = tiny()
     data = semisup_data(mnist, draw, "cpu")
     reference = train_semisup(cfg, data, prepare_model(cfg, data, None))
-
-    def killed_at_step_6(step: int, metrics: dict) -> None:
-        if step == 6:
-            raise KeyboardInterrupt
-
     path = tmp_path / "last.pt"
-    with pytest.raises(KeyboardInterrupt):
-        train_semisup(cfg, data, prepare_model(cfg, data, None), on_eval=killed_at_step_6, checkpoint_path=path)
-    state = load_checkpoint(path)
+    state = interrupted_at_step_6(cfg, data, path)
     assert state["step"] == 3 and not state["finished"]  # step 6's checkpoint was never written
     resumed = train_semisup(cfg, data, prepare_model(cfg, data, None), checkpoint_path=path, resume_state=state)
     assert resumed.steps == reference.steps == 9
@@ -275,11 +281,6 @@ def test_tracked_run_logs_registers_and_resumes_in_the_same_run(
 ) -> None:
     checkpoint = write_checkpoint(tmp_path / "moco.pt", tiny_encoder(seed=2))
     cfg = tiny(init=str(checkpoint), data_dir=str(synthetic_data_dir))
-
-    def killed_at_step_6(step: int, metrics: dict) -> None:
-        if step == 6:
-            raise KeyboardInterrupt
-
     folder = tmp_path / "ck"
     with pytest.raises(KeyboardInterrupt):
         run_semisup(cfg, checkpoint_dir=folder, run_name="semi", on_eval=killed_at_step_6)

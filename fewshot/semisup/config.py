@@ -58,6 +58,11 @@ class SemisupConfig:
     # the two at 98.5-99% (25 validation images at 100% for both)
     threshold: str = "flexmatch"
     dist_align: bool = True
+    # > 0: pseudo-labels smoothed over each pool image's graph_k nearest training images in the starting
+    # encoder's embedding (fewshot.semisup.neighbours; CoMatch's alpha 0.9); 0: off. Measured, not a default
+    # (docs/benchmarks.md, semi-supervised)
+    graph_k: int = 0
+    graph_alpha: float = 0.9
     targets: str = "online"
     ema: float = 0.999  # EMA of the weights for evaluation (and targets with targets=ema); 0: none
     strong: str = "digits"
@@ -111,6 +116,8 @@ class SemisupConfig:
         need(0 < self.tau <= 1, f"--tau {self.tau}: must be in (0, 1] (a confidence threshold; 0.95 is usual)")
         need(0 <= self.lambda_u <= 100, f"--lambda-u {self.lambda_u}: must be between 0 and 100")
         need(self.threshold in THRESHOLDS, f"--threshold {self.threshold}: choose one of {', '.join(THRESHOLDS)}")
+        need(0 <= self.graph_k <= 100, f"--graph-k {self.graph_k}: must be between 0 (off) and 100 neighbours")
+        need(0 < self.graph_alpha <= 1, f"--graph-alpha {self.graph_alpha}: must be in (0, 1] (1: no smoothing)")
         need(self.targets in TARGET_MODELS, f"--targets {self.targets}: choose one of {', '.join(TARGET_MODELS)}")
         need(0 <= self.ema < 1, f"--ema {self.ema}: must be in [0, 1) (0 turns the EMA model off; 0.999 is usual)")
         need(self.targets != "ema" or self.ema > 0, "--targets ema: needs an EMA model; set --ema above 0 (e.g. 0.999)")
@@ -134,7 +141,7 @@ class SemisupConfig:
     # settings a resumed run must share with its checkpoint (the rest may change)
     RESUME_KEYS = (
         "init", "arch", "width", "steps", "epochs", "batch_size", "mu", "optimizer", "lr", "weight_decay",
-        "encoder_lr_ratio", "tau", "lambda_u", "threshold", "dist_align", "targets", "ema", "strong",
+        "encoder_lr_ratio", "tau", "lambda_u", "threshold", "dist_align", "graph_k", "graph_alpha", "targets", "ema", "strong",
         "strong_strength", "weak_strength", "bar", "refit", "head_warmup", "eval_every", "seed", "labels_per_class", "n_labels",
         "precision",
     )  # fmt: skip

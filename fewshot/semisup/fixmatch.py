@@ -6,7 +6,9 @@ a hard pseudo-label when its confidence clears the threshold (``tau``, or FlexMa
 thresholds); the strong view is trained towards it with weight ``lambda_u``. Against confirmation
 bias (one class absorbing another, sevens -> fours, measured on this project's runs) the weak
 predictions can be aligned with the labeled class distribution before thresholding (ReMixMatch's
-distribution alignment). Everything here reads images' predictions only, never the pool's labels.
+distribution alignment), and smoothed over the starting encoder's neighbourhoods of the pool
+(``fewshot.semisup.neighbours``, with ``--graph-k``). Everything here reads images' predictions
+and the labeled draw's labels only, never the pool's labels.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 
 from fewshot.data import NUM_CLASSES
 from fewshot.semisup.config import SemisupConfig
+from fewshot.semisup.neighbours import NeighbourSmoother
 
 
 @dataclass
@@ -32,15 +35,26 @@ class PseudoLabels:
 
 
 @torch.no_grad()
+def aligned_probs(weak_logits: torch.Tensor, align: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax of weak-view logits, times optional alignment factors (C,), renormalised."""
+    probs = F.softmax(weak_logits.detach().float(), dim=1)
+    if align is not None:
+        probs = probs * align.view(1, -1)
+        probs = probs / probs.sum(dim=1, keepdim=True)
+    return probs
+
+
+@torch.no_grad()
 def pseudo_labels(
     weak_logits: torch.Tensor, thresholds: float | torch.Tensor, align: torch.Tensor | None = None
 ) -> PseudoLabels:
     """Hard targets from weak-view logits: softmax, optional alignment factors (C,), argmax, and a
     mask where the confidence reaches the threshold (a number, or one per predicted class)."""
-    probs = F.softmax(weak_logits.detach().float(), dim=1)
-    if align is not None:
-        probs = probs * align.view(1, -1)
-        probs = probs / probs.sum(dim=1, keepdim=True)
+    return threshold_probs(aligned_probs(weak_logits, align), thresholds)
+
+
+def threshold_probs(probs: torch.Tensor, thresholds: float | torch.Tensor) -> PseudoLabels:
+    """Argmax targets of class distributions and the mask of those at or above their threshold."""
     confidence, targets = probs.max(dim=1)
     threshold = thresholds[targets] if isinstance(thresholds, torch.Tensor) else thresholds
     mask = (confidence >= threshold).float()
@@ -67,6 +81,7 @@ class PseudoLabeler:
         self.p_target = p_target.float().to(device)
         self.p_model = torch.full((NUM_CLASSES,), 1.0 / NUM_CLASSES, device=device)
         self.memory = torch.full((n_pool,), -1, dtype=torch.int16, device=device) if self.flexmatch else None
+        self.smoother: NeighbourSmoother | None = None  # set by the trainer with --graph-k
 
     def thresholds(self) -> float | torch.Tensor:
         if self.memory is None:
@@ -86,14 +101,21 @@ class PseudoLabeler:
             raw = F.softmax(weak_logits.detach().float(), dim=1)
             self.p_model.mul_(self.momentum).add_(raw.mean(dim=0), alpha=1 - self.momentum)
             align = self.p_target / self.p_model
-        result = pseudo_labels(weak_logits, thresholds, align)
+        probs = aligned_probs(weak_logits, align)
+        if self.smoother is not None:
+            probs = self.smoother(probs, pool_positions)
+        result = threshold_probs(probs, thresholds)
         if self.memory is not None:
             over = result.confidence > self.tau
             self.memory[pool_positions[over]] = result.targets[over].to(torch.int16)
         return result
 
     def state_dict(self) -> dict[str, Any]:
-        return {"p_model": self.p_model.cpu().clone(), "memory": None if self.memory is None else self.memory.cpu()}
+        return {
+            "p_model": self.p_model.cpu().clone(),
+            "memory": None if self.memory is None else self.memory.cpu(),
+            "smoother": None if self.smoother is None else self.smoother.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.p_model.copy_(state["p_model"])

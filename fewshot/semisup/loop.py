@@ -30,6 +30,7 @@ from fewshot.semisup.config import EvalCallback, Metrics, SemisupConfig
 from fewshot.semisup.data import SemisupData
 from fewshot.semisup.fixmatch import PseudoLabeler, StepOutput, consistency_loss, fixmatch_lr
 from fewshot.semisup.model import EMA, evaluate_model, make_optimizer, model_spec
+from fewshot.semisup.neighbours import NeighbourSmoother, build_smoother
 
 DEFAULT_CHECKPOINT_DIR = "checkpoints/semisup"  # <dir>/<run name>/last.pt
 
@@ -106,7 +107,9 @@ class SemisupTrainer:
     """One semi-supervised run's live state and its phases: build (the constructor), ``restore``,
     ``train_step``, ``window_metrics`` (the end of an evaluation window) and ``checkpoint_state``."""
 
-    def __init__(self, cfg: SemisupConfig, data: SemisupData, model: EncoderClassifier) -> None:
+    def __init__(
+        self, cfg: SemisupConfig, data: SemisupData, model: EncoderClassifier, build_graph: bool = True
+    ) -> None:
         cfg.validate()
         if cfg.refit:  # the head warm-up (prepare_model) kept the 75/25 split; training sees all labels
             data = data.with_validation_in_training()
@@ -134,6 +137,17 @@ class SemisupTrainer:
         self.with_labels = data.pool_labels is not None
         self.step, self.history, self.seconds = 0, [], 0.0
         self._order, self._order_epoch = torch.empty(0, dtype=torch.long), -1
+        if cfg.graph_k > 0 and build_graph:  # a resume brings the graph and memory in its checkpoint
+            self._build_smoother()
+
+    def _build_smoother(self) -> None:
+        """The neighbour graph from the model as it starts (the MoCo encoder); its minutes count as training."""
+        started = time.perf_counter()
+        data, cfg = self.data, self.cfg
+        self.labeler.smoother = build_smoother(
+            self.model.encoder, data.pool, data.x_train, data.y_train, cfg.graph_k, cfg.graph_alpha, self.precision
+        )
+        self.seconds += time.perf_counter() - started
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue a checkpoint's state; the run then reproduces the uninterrupted one."""
@@ -143,6 +157,11 @@ class SemisupTrainer:
             self.ema.model.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.labeler.load_state_dict(state["labeler"])
+        saved_graph = state["labeler"].get("smoother")
+        if self.cfg.graph_k > 0 and saved_graph is not None:
+            self.labeler.smoother = NeighbourSmoother.from_state(saved_graph, self.cfg.graph_alpha, self.device)
+        elif self.cfg.graph_k > 0:
+            self._build_smoother()
         self.generator.set_state(state["generator"])
         self.step, self.history = state["step"], list(state["history"])
         self.seconds = state.get("train_seconds", 0.0)
@@ -258,7 +277,7 @@ def train_semisup(
     and then, with ``checkpoint_path``, the full state is written atomically. ``resume_state``
     (from ``load_checkpoint``) continues such a state and reproduces the uninterrupted run.
     """
-    trainer = SemisupTrainer(cfg, data, model)
+    trainer = SemisupTrainer(cfg, data, model, build_graph=resume_state is None)
     if resume_state is not None:
         trainer.restore(resume_state)
     path = Path(checkpoint_path) if checkpoint_path is not None else None
