@@ -102,7 +102,8 @@ def markdown_table(rows: list[dict], cfg: SemisupConfig, source_text: str) -> st
                 lines += _figure_rows(f"{label}, {cfg.tta_views}-view TTA", by_init[init], draws, "test_top1")
     notes = ["", f"Settings: {source_text}; {cfg.steps} steps of {cfg.batch_size} labeled + "
              f"{cfg.unlabeled_batch} unlabeled images, tau {cfg.tau}, lambda_u {cfg.lambda_u}, threshold "
-             f"{cfg.threshold}, distribution alignment {cfg.dist_align}, targets {cfg.targets}, EMA {cfg.ema}, "
+             f"{cfg.threshold}, distribution alignment {cfg.dist_align}, graph smoothing "
+             f"{f'k {cfg.graph_k}, alpha {cfg.graph_alpha}' if cfg.graph_k else 'off'}, targets {cfg.targets}, EMA {cfg.ema}, "
              f"strong {cfg.strong} x{cfg.strong_strength}, crossbar {cfg.bar}, lr {cfg.lr} ({cfg.optimizer}), "
              f"precision {resolve_precision(cfg.precision, cfg.device)}, labels {'all 100 (refit)' if cfg.refit else '75'}, "
              f"TTA over the image and {cfg.tta_views} warped copies."]  # fmt: skip
@@ -137,6 +138,10 @@ def main() -> None:
     parser.add_argument("--lambda-u", type=float, default=d.lambda_u)
     parser.add_argument("--threshold", choices=THRESHOLDS, default=d.threshold)
     parser.add_argument("--no-dist-align", action="store_true")
+    parser.add_argument(
+        "--graph-k", type=int, default=d.graph_k, help="pseudo-labels smoothed over K neighbours (0: off)"
+    )
+    parser.add_argument("--graph-alpha", type=float, default=d.graph_alpha)
     parser.add_argument("--targets", choices=TARGET_MODELS, default=d.targets)
     parser.add_argument("--ema", type=float, default=d.ema)
     parser.add_argument("--strong", choices=list(STRONG_PRESETS), default=d.strong)
@@ -164,6 +169,7 @@ def main() -> None:
     base = SemisupConfig(
         init=args.init, arch=arch, width=width, steps=args.steps, batch_size=args.batch_size, mu=args.mu, lr=args.lr,
         tau=args.tau, lambda_u=args.lambda_u, threshold=args.threshold, dist_align=not args.no_dist_align,
+        graph_k=args.graph_k, graph_alpha=args.graph_alpha,
         targets=args.targets, ema=args.ema, strong=args.strong, strong_strength=args.strong_strength, bar=args.bar,
         eval_every=args.eval_every, tta_views=args.tta_views, device=str(device), precision=args.precision,
         refit=not args.no_refit,
