@@ -12,7 +12,9 @@ pretraining's share) within 5%. Give the random runs about those minutes (``--in
 --steps N``): one that ended sooner is compared with its final model, one that ran longer at the
 MoCo pipeline's minutes, mid-schedule; the summary names each such draw. On a noisy machine,
 ``--steady-minutes`` charges every run the median minutes a step of all runs (MoCo and random init
-train the same network, so a step costs the same). Single-view test top-1 of the evaluated (EMA)
+train the same network, so a step costs the same); ``--minutes-a-step X`` charges every run X, a
+step's cost measured on the quiet host that timed the pretraining (when the runs did not all share
+one host speed, the median of a mixed set matches neither the runs nor the pretraining's minutes). Single-view test top-1 of the evaluated (EMA)
 model; nothing here chooses anything.
 
     python benchmarks/pretraining_worth.py --csv outputs/moco.csv outputs/random.csv --pretrain-minutes 4.7
@@ -170,14 +172,18 @@ def main() -> None:
                         help="MoCo pretraining's minutes (its run's last elapsed_s / 60)")  # fmt: skip
     parser.add_argument("--steady-minutes", action="store_true",
                         help="charge every run the median minutes a step of all runs (a noisy machine)")  # fmt: skip
+    parser.add_argument("--minutes-a-step", type=float, default=None,
+                        help="charge every run this many minutes a step (measured where the pretraining was timed)")  # fmt: skip
     parser.add_argument("--draws-per-study", type=int, default=3, help="draws that share one encoder in `main`")
     parser.add_argument("--out", default="outputs/pretraining_worth")
     args = parser.parse_args()
     if args.pretrain_minutes < 0 or args.draws_per_study < 1:
         parser.error("--pretrain-minutes must be >= 0 and --draws-per-study >= 1")
+    if args.minutes_a_step is not None and (args.steady_minutes or args.minutes_a_step <= 0):
+        parser.error("--minutes-a-step must be > 0, and not given with --steady-minutes")
     moco, random = {}, {}
     paths = [Path(path) for path in args.csv]
-    minutes_a_step = median_minutes_a_step(paths) if args.steady_minutes else None
+    minutes_a_step = median_minutes_a_step(paths) if args.steady_minutes else args.minutes_a_step
     for path in paths:
         curves = read_curves(path, minutes_a_step)
         moco.update(curves.get("moco", {}))
@@ -190,7 +196,8 @@ def main() -> None:
                  Counting("(b) pretraining once per draw", 1.0)]  # fmt: skip
     text, metrics = summary(moco, random, args.pretrain_minutes, countings)
     if minutes_a_step is not None:
-        text = f"Minutes: steps x {minutes_a_step:.5f} (the median minutes a step of every run read).\n" + text
+        source = "the median minutes a step of every run read" if args.steady_minutes else "--minutes-a-step"
+        text = f"Minutes: steps x {minutes_a_step:.5f} ({source}).\n" + text
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, counting in zip(axes, countings, strict=True):
         draw_panel(ax, moco, random, counting.share * args.pretrain_minutes, counting.label)
