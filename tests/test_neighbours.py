@@ -116,6 +116,10 @@ def test_resume_with_the_graph_reproduces_the_uninterrupted_run(mnist, draw, tmp
     assert _without_timing(resumed.history) == _without_timing(reference.history)
     with pytest.raises(UserError, match="graph_k 4 -> 0"):
         train_semisup(replace(cfg, graph_k=0), data, prepare_model(cfg, data, None), resume_state=state)
+    older = interrupted_at_step_6(replace(cfg, graph_k=0), data, tmp_path / "older.pt")
+    del older["config"]["graph_k"]  # as checkpoints were written before --graph-k existed
+    with pytest.raises(UserError, match="made without --graph-k"):
+        train_semisup(cfg, data, prepare_model(cfg, data, None), resume_state=older)
 
 
 def test_tracked_run_with_the_graph_resumes_in_the_same_mlflow_run(

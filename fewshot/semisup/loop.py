@@ -157,11 +157,13 @@ class SemisupTrainer:
             self.ema.model.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.labeler.load_state_dict(state["labeler"])
-        saved_graph = state["labeler"].get("smoother")
-        if self.cfg.graph_k > 0 and saved_graph is not None:
+        if self.cfg.graph_k > 0:
+            saved_graph = state["labeler"].get("smoother")
+            if saved_graph is None:  # a checkpoint older than --graph-k (its config does not name it)
+                raise UserError(
+                    "--resume: the checkpoint was made without --graph-k; rerun with --graph-k 0 or start fresh"
+                )
             self.labeler.smoother = NeighbourSmoother.from_state(saved_graph, self.cfg.graph_alpha, self.device)
-        elif self.cfg.graph_k > 0:
-            self._build_smoother()
         self.generator.set_state(state["generator"])
         self.step, self.history = state["step"], list(state["history"])
         self.seconds = state.get("train_seconds", 0.0)

@@ -73,17 +73,17 @@ class NeighbourSmoother:
     @torch.no_grad()
     def __call__(self, probs: torch.Tensor, pool_positions: torch.Tensor) -> torch.Tensor:
         """Smoothed targets for the pool images at ``pool_positions``; they replace those images' memories."""
-        neighbourhood = (self.weights[pool_positions].unsqueeze(-1) * self.memory[self.neighbours[pool_positions]]).sum(
-            1
-        )
-        has_neighbours = self.weights[pool_positions].sum(dim=1, keepdim=True) > 0
+        weights = self.weights[pool_positions].unsqueeze(-1)  # (B, k, 1)
+        neighbourhood = (weights * self.memory[self.neighbours[pool_positions]]).sum(dim=1)
+        has_neighbours = weights.sum(dim=1) > 0
         mixed = self.alpha * probs + (1 - self.alpha) * neighbourhood
         smoothed = torch.where(has_neighbours, mixed, probs)
         self.memory[pool_positions] = smoothed
         return smoothed
 
     def state_dict(self) -> dict[str, Any]:
-        return {"neighbours": self.neighbours.cpu(), "weights": self.weights.cpu(), "memory": self.memory.cpu()}
+        # the memory changes every step: a copy, so a state taken now stays as it was
+        return {"neighbours": self.neighbours.cpu(), "weights": self.weights.cpu(), "memory": self.memory.cpu().clone()}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], alpha: float, device: torch.device) -> NeighbourSmoother:
