@@ -92,8 +92,8 @@ def main() -> None:
     mnist = load_mnist(args.data_dir)
     encoder, source = load_checkpoint(Path(args.encoder))
     encoder = with_feature_grid(encoder, args.feature_grid).eval()
-    train_f = extract_features(encoder, to_unit(mnist.train_images)).float()
-    test_f = extract_features(encoder, to_unit(mnist.test_images)).float()
+    train_f = extract_features(encoder, to_unit(mnist.train_images))
+    test_f = extract_features(encoder, to_unit(mnist.test_images))
     matrices = graphs_by_k(train_f, tuple(sorted(set(args.ks))), args.gamma)
     print(f"features and graphs: {time.perf_counter() - started:.0f} s", flush=True)
     rows = []

@@ -14,8 +14,8 @@ MoCo pipeline's minutes, mid-schedule; the summary names each such draw. On a no
 ``--steady-minutes`` charges every run the median minutes a step of all runs (MoCo and random init
 train the same network, so a step costs the same); ``--minutes-a-step X`` charges every run X, a
 step's cost measured on the quiet host that timed the pretraining (when the runs did not all share
-one host speed, the median of a mixed set matches neither the runs nor the pretraining's minutes). Single-view test top-1 of the evaluated (EMA)
-model; nothing here chooses anything.
+one host speed, the median of a mixed set matches neither the runs nor the pretraining's minutes).
+Single-view test top-1 of the evaluated (EMA) model; nothing here chooses anything.
 
     python benchmarks/pretraining_worth.py --csv outputs/moco.csv outputs/random.csv --pretrain-minutes 4.7
 """

@@ -53,12 +53,17 @@ def knn_graph(features: torch.Tensor, k: int, chunk: int = 4096) -> KnnGraph:
     return KnnGraph(torch.cat(indices), torch.cat(similarities))
 
 
+def edge_weights(graph: KnnGraph, gamma: float = 3.0) -> torch.Tensor:
+    """(N, k) ``max(s_ij, 0) ** gamma``: the power sharpens towards the closest neighbours."""
+    return graph.similarities.clamp(min=0).pow(gamma)
+
+
 def propagation_matrix(graph: KnnGraph, gamma: float = 3.0) -> torch.Tensor:
-    """``D^-1/2 (A + A^T) D^-1/2`` as a sparse (N, N) tensor, ``A_ij = max(s_ij, 0) ** gamma``
-    for j among i's neighbours: the power sharpens towards the closest neighbours."""
+    """``D^-1/2 (A + A^T) D^-1/2`` as a sparse (N, N) tensor, ``A_ij`` the ``edge_weights`` of
+    i's neighbours j."""
     n, k = graph.indices.shape
     rows = torch.arange(n, device=graph.indices.device).repeat_interleave(k)
-    weights = graph.similarities.clamp(min=0).pow(gamma).reshape(-1)
+    weights = edge_weights(graph, gamma).reshape(-1)
     edges = torch.stack([rows, graph.indices.reshape(-1)])
     adjacency = torch.sparse_coo_tensor(edges, weights, (n, n))
     adjacency = (adjacency + adjacency.t()).coalesce()

@@ -113,7 +113,8 @@ class PseudoLabeler:
     def state_dict(self) -> dict[str, Any]:
         return {
             "p_model": self.p_model.cpu().clone(),
-            "memory": None if self.memory is None else self.memory.cpu(),
+            # copies: both memories change every step, and .cpu() of a CPU tensor is the tensor itself
+            "memory": None if self.memory is None else self.memory.cpu().clone(),
             "smoother": None if self.smoother is None else self.smoother.state_dict(),
         }
 

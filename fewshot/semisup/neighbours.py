@@ -23,7 +23,7 @@ from torch import nn
 from fewshot.data import NUM_CLASSES, to_unit
 from fewshot.device import Precision
 from fewshot.evaluate import extract_features
-from fewshot.graph import knn_graph, propagate, propagation_matrix
+from fewshot.graph import edge_weights, knn_graph, propagate, propagation_matrix
 from fewshot.models import with_feature_grid
 
 # the probes' read-out (last map pooled to 2x2), on which label propagation was measured
@@ -35,13 +35,14 @@ EMBED_BATCH = 2048
 
 @torch.no_grad()
 def embed_images(encoder: nn.Module, pool: torch.Tensor, labeled: torch.Tensor, precision: Precision) -> torch.Tensor:
-    """Features of the pool (uint8) then the labeled images ([0, 1]), one row each, fp32."""
+    """Features of the pool (uint8) then the labeled images ([0, 1]), one row each, fp32 (as
+    ``extract_features`` returns them under autocast)."""
     gridded = with_feature_grid(encoder, FEATURE_GRID).eval()
     rows = []
     with precision.autocast():
-        for start in range(0, pool.shape[0], EMBED_BATCH):
-            rows.append(extract_features(gridded, to_unit(pool[start : start + EMBED_BATCH])).float())
-        rows.append(extract_features(gridded, labeled).float())
+        for start in range(0, pool.shape[0], EMBED_BATCH):  # uint8 -> float a batch at a time
+            rows.append(extract_features(gridded, to_unit(pool[start : start + EMBED_BATCH])))
+        rows.append(extract_features(gridded, labeled))
     return torch.cat(rows)
 
 
@@ -65,7 +66,7 @@ class NeighbourSmoother:
         spread = propagate(propagation_matrix(graph, WEIGHT_POWER), seeds, labels, NUM_CLASSES)
         memory = spread.probs.clone()
         memory[seeds] = F.one_hot(labels, NUM_CLASSES).float()
-        weights = graph.similarities[:n_pool].clamp(min=0).pow(WEIGHT_POWER)
+        weights = edge_weights(graph, WEIGHT_POWER)[:n_pool]
         # an image with no positively similar neighbour keeps its own prediction (its weights sum to 0)
         weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1e-12)
         return cls(graph.indices[:n_pool].clone(), weights, memory, alpha)
@@ -82,7 +83,7 @@ class NeighbourSmoother:
         return smoothed
 
     def state_dict(self) -> dict[str, Any]:
-        # the memory changes every step: a copy, so a state taken now stays as it was
+        # the memory changes every step: a copy, so a state taken now stays as it was (as PseudoLabeler's)
         return {"neighbours": self.neighbours.cpu(), "weights": self.weights.cpu(), "memory": self.memory.cpu().clone()}
 
     @classmethod
