@@ -144,6 +144,8 @@ def main() -> None:
     parser.add_argument("--graph-alpha", type=float, default=d.graph_alpha)
     parser.add_argument("--targets", choices=TARGET_MODELS, default=d.targets)
     parser.add_argument("--ema", type=float, default=d.ema)
+    parser.add_argument("--bn-recalibration", type=int, default=d.bn_recalibration,
+                        help="clean pool images for the scored model's batch-norm statistics (0: training's)")  # fmt: skip
     parser.add_argument("--strong", choices=list(STRONG_PRESETS), default=d.strong)
     parser.add_argument("--strong-strength", type=float, default=d.strong_strength)
     parser.add_argument("--bar", type=float, default=d.bar, help="share of labeled and strong views given a crossbar")
@@ -170,7 +172,7 @@ def main() -> None:
         init=args.init, arch=arch, width=width, steps=args.steps, batch_size=args.batch_size, mu=args.mu, lr=args.lr,
         tau=args.tau, lambda_u=args.lambda_u, threshold=args.threshold, dist_align=not args.no_dist_align,
         graph_k=args.graph_k, graph_alpha=args.graph_alpha,
-        targets=args.targets, ema=args.ema, strong=args.strong, strong_strength=args.strong_strength, bar=args.bar,
+        targets=args.targets, ema=args.ema, bn_recalibration=args.bn_recalibration, strong=args.strong, strong_strength=args.strong_strength, bar=args.bar,
         eval_every=args.eval_every, tta_views=args.tta_views, device=str(device), precision=args.precision,
         refit=not args.no_refit,
     )  # fmt: skip

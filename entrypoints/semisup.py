@@ -57,6 +57,8 @@ D = SemisupConfig()
               help="Model that labels the weak views: the online model or its EMA.")  # fmt: skip
 @click.option("--ema", type=float, default=D.ema, show_default=True,
               help="EMA decay of the evaluated (and logged) model; 0: the online model.")  # fmt: skip
+@click.option("--bn-recalibration", type=click.IntRange(0, 60000), default=D.bn_recalibration, show_default=True,
+              help="Clean pool images that re-estimate the scored model's batch-norm statistics (0: training's).")  # fmt: skip
 @click.option("--strong", type=click.Choice(list(STRONG_PRESETS)), default=D.strong, show_default=True)
 @click.option("--strong-strength", type=float, default=D.strong_strength, show_default=True)
 @click.option("--weak-strength", type=float, default=D.weak_strength, show_default=True)

@@ -45,7 +45,8 @@ TIMING = ("unlabeled_per_s", "train_seconds")
 def tiny(**changes) -> SemisupConfig:
     """Width-8 network, 8 labeled + 16 unlabeled images per step, an evaluation every 3 steps."""
     cfg = SemisupConfig(init="random", width=8, steps=9, batch_size=8, mu=2, eval_every=3, progress=False,
-                        threshold="flexmatch", dist_align=True, targets="ema", ema=0.9, tau=0.5)  # fmt: skip
+                        threshold="flexmatch", dist_align=True, targets="ema", ema=0.9, tau=0.5,
+                        bn_recalibration=64)  # fmt: skip
     return replace(cfg, **changes)
 
 
@@ -247,12 +248,32 @@ def test_ctrl_c_mid_window_stops_after_the_step_with_a_checkpoint_that_resumes_e
     assert [h["val_acc"] for h in resumed.history] == [h["val_acc"] for h in reference.history]
 
 
+def test_scored_model_has_the_clean_pools_batchnorm_statistics_and_training_is_unchanged(mnist, draw) -> None:
+    cfg = tiny(steps=6, precision="fp32")
+    data = semisup_data(mnist, draw, "cpu")
+    clean = train_semisup(cfg, data, prepare_model(cfg, data, None))
+    as_trained = train_semisup(replace(cfg, bn_recalibration=0), data, prepare_model(cfg, data, None))
+    assert same_weights(clean.online, as_trained.online), "the recalibration only touches a copy that is scored"
+    scored, ema = clean.model.state_dict(), as_trained.model.state_dict()
+    assert all(torch.equal(scored[k], ema[k]) for k, _ in as_trained.model.named_parameters())
+    assert not torch.equal(scored["encoder.body.2.running_mean"], ema["encoder.body.2.running_mean"])
+    # the first batch norm's statistics: those of the first convolution's outputs on 64 clean pool images
+    with torch.no_grad():
+        first_conv = as_trained.model.encoder.body[:2](to_unit(data.pool[:64]))
+    torch.testing.assert_close(scored["encoder.body.2.running_mean"], first_conv.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(
+        scored["encoder.body.2.running_var"], first_conv.var(dim=(0, 2, 3)), rtol=1e-4, atol=1e-6
+    )
+    assert clean.model.encoder.body[2].momentum == 0.1 and not clean.model.training
+    assert [h["val_loss"] for h in clean.history] != [h["val_loss"] for h in as_trained.history]  # scored so too
+
+
 @pytest.mark.parametrize(
     ("change", "option"),
     [({"tau": 0.0}, "--tau"), ({"tau": 1.5}, "--tau"), ({"lambda_u": -1.0}, "--lambda-u"),
      ({"threshold": "freematch"}, "--threshold"), ({"targets": "ema", "ema": 0.0}, "--targets ema"),
      ({"strong": "flips"}, "--strong"), ({"mu": 0}, "--mu"), ({"lr": float("nan")}, "--lr"),
-     ({"init": " "}, "--init"), ({"bar": 1.5}, "--bar")],
+     ({"init": " "}, "--init"), ({"bar": 1.5}, "--bar"), ({"bn_recalibration": -1}, "--bn-recalibration")],
 )  # fmt: skip
 def test_bad_settings_are_refused_naming_the_option(change: dict, option: str) -> None:
     with pytest.raises(UserError, match=option):

@@ -29,7 +29,7 @@ from fewshot.names import SEMISUP_CHECKPOINT_FORMAT, SEMISUP_CHECKPOINT_VERSION
 from fewshot.semisup.config import EvalCallback, Metrics, SemisupConfig
 from fewshot.semisup.data import SemisupData
 from fewshot.semisup.fixmatch import PseudoLabeler, StepOutput, consistency_loss, fixmatch_lr
-from fewshot.semisup.model import EMA, evaluate_model, make_optimizer, model_spec
+from fewshot.semisup.model import EMA, evaluate_model, make_optimizer, model_spec, with_clean_batchnorm
 from fewshot.semisup.neighbours import NeighbourSmoother, build_smoother
 
 DEFAULT_CHECKPOINT_DIR = "checkpoints/semisup"  # <dir>/<run name>/last.pt
@@ -89,7 +89,7 @@ def check_resume_config(cfg: SemisupConfig, state: dict[str, Any]) -> None:
 
 @dataclass
 class SemisupResult:
-    model: EncoderClassifier  # the evaluated model (the EMA model when --ema > 0), eval mode
+    model: EncoderClassifier  # the scored model (EMA when --ema > 0; clean batch-norm statistics), eval mode
     online: EncoderClassifier
     history: list[Metrics] = field(default_factory=list)
     steps: int = 0
@@ -170,8 +170,15 @@ class SemisupTrainer:
 
     @property
     def evaluated(self) -> EncoderClassifier:
-        """The model scored and returned: the EMA model when there is one."""
+        """The model trained for scoring: the EMA model when there is one."""
         return self.ema.model if self.ema is not None else self.model
+
+    def scored_model(self) -> EncoderClassifier:
+        """What is scored and returned: ``evaluated``, or with ``cfg.bn_recalibration`` its copy with
+        batch-norm statistics of clean pool images (training goes on with its own)."""
+        if self.cfg.bn_recalibration <= 0:
+            return self.evaluated.eval()
+        return with_clean_batchnorm(self.evaluated, self.data.pool, self.cfg.bn_recalibration, self.precision)
 
     def checkpoint_state(self) -> dict[str, Any]:
         ema = self.ema
@@ -237,7 +244,7 @@ class SemisupTrainer:
                 f"semi-supervised training diverged by step {self.step} (loss {metrics['sup_loss']} + "
                 f"{metrics['unsup_loss']}); lower --lr (now {cfg.lr})"
             )
-        scored = self.evaluated
+        scored = self.scored_model()
         metrics["val_acc"], metrics["val_loss"], _ = evaluate_model(scored, data.x_val, data.y_val, self.precision)
         if cfg.eval_test and data.x_test is not None:
             metrics["test_acc"], _, _ = evaluate_model(scored, data.x_test, data.y_test, self.precision)
@@ -316,6 +323,6 @@ def train_semisup(
             boundary.stop_if_requested()
     progress_bar.close()
     model.eval()
-    final = trainer.evaluated.eval()
+    final = trainer.scored_model()
     confusion = last_confusion if trainer.with_labels else None
     return SemisupResult(final, model, trainer.history, trainer.step, trainer.seconds, confusion)

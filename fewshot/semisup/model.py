@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewshot.data import NUM_CLASSES
+from fewshot.data import NUM_CLASSES, to_unit
 from fewshot.device import Precision, place, precision_context
 from fewshot.errors import UserError
 from fewshot.evaluate import eval_mode, predict_logits, predict_tta
@@ -93,6 +93,32 @@ def make_optimizer(cfg: SemisupConfig, model: EncoderClassifier) -> torch.optim.
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
     return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+@torch.no_grad()
+def with_clean_batchnorm(
+    model: EncoderClassifier,
+    pool: torch.Tensor,
+    n_images: int,
+    precision: Precision | None = None,
+    batch_size: int = 500,
+) -> EncoderClassifier:
+    """A copy of ``model`` (eval mode) whose batch-norm running statistics are re-estimated, as plain
+    averages over batches, from forward passes of the first ``n_images`` pool images (uint8, clean:
+    no augmentation). The weights are the model's; the original is not touched."""
+    copied = copy.deepcopy(model)
+    norms = [m for m in copied.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches below
+    copied.train()
+    with precision_context(precision):
+        for start in range(0, min(n_images, pool.shape[0]), batch_size):
+            copied(to_unit(pool[start : min(start + batch_size, n_images)]))
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+    return copied.eval()
 
 
 @torch.no_grad()
