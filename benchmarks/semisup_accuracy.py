@@ -104,6 +104,8 @@ def markdown_table(rows: list[dict], cfg: SemisupConfig, source_text: str) -> st
              f"{cfg.unlabeled_batch} unlabeled images, tau {cfg.tau}, lambda_u {cfg.lambda_u}, threshold "
              f"{cfg.threshold}, distribution alignment {cfg.dist_align}, graph smoothing "
              f"{f'k {cfg.graph_k}, alpha {cfg.graph_alpha}' if cfg.graph_k else 'off'}, targets {cfg.targets}, EMA {cfg.ema}, "
+             f"batch-norm statistics for scoring from "
+             f"{f'{cfg.bn_recalibration} clean pool images' if cfg.bn_recalibration else 'training'}, "
              f"strong {cfg.strong} x{cfg.strong_strength}, crossbar {cfg.bar}, lr {cfg.lr} ({cfg.optimizer}), "
              f"precision {resolve_precision(cfg.precision, cfg.device)}, labels {'all 100 (refit)' if cfg.refit else '75'}, "
              f"TTA over the image and {cfg.tta_views} warped copies."]  # fmt: skip

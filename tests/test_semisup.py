@@ -268,6 +268,16 @@ def test_scored_model_has_the_clean_pools_batchnorm_statistics_and_training_is_u
     assert [h["val_loss"] for h in clean.history] != [h["val_loss"] for h in as_trained.history]  # scored so too
 
 
+def test_scoring_the_online_model_mid_run_leaves_it_training(mnist, draw) -> None:
+    cfg = tiny(ema=0.0, targets="online", bn_recalibration=0)
+    data = semisup_data(mnist, draw, "cpu")
+    trainer = SemisupTrainer(cfg, data, prepare_model(cfg, data, None))
+    trainer.model.train()
+    trainer.train_step()
+    trainer.window_metrics(lr=0.03, window_seconds=1.0, window_steps=1)
+    assert trainer.model.training, "batch norm would switch to running statistics for the steps that follow"
+
+
 @pytest.mark.parametrize(
     ("change", "option"),
     [({"tau": 0.0}, "--tau"), ({"tau": 1.5}, "--tau"), ({"lambda_u": -1.0}, "--lambda-u"),

@@ -177,7 +177,7 @@ class SemisupTrainer:
         """What is scored and returned: ``evaluated``, or with ``cfg.bn_recalibration`` its copy with
         batch-norm statistics of clean pool images (training goes on with its own)."""
         if self.cfg.bn_recalibration <= 0:
-            return self.evaluated.eval()
+            return self.evaluated  # mid-run this may be the online model: its mode is left alone
         return with_clean_batchnorm(self.evaluated, self.data.pool, self.cfg.bn_recalibration, self.precision)
 
     def checkpoint_state(self) -> dict[str, Any]:
@@ -323,6 +323,6 @@ def train_semisup(
             boundary.stop_if_requested()
     progress_bar.close()
     model.eval()
-    final = trainer.scored_model()
+    final = trainer.scored_model().eval()
     confusion = last_confusion if trainer.with_labels else None
     return SemisupResult(final, model, trainer.history, trainer.step, trainer.seconds, confusion)

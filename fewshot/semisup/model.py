@@ -4,6 +4,7 @@ copy, how it is scored (single view or with test-time augmentation) and describe
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -113,9 +114,11 @@ def with_clean_batchnorm(
         norm.reset_running_stats()
         norm.momentum = None  # a cumulative average over the batches below
     copied.train()
+    images = pool[: min(n_images, pool.shape[0])]
     with precision_context(precision):
-        for start in range(0, min(n_images, pool.shape[0]), batch_size):
-            copied(to_unit(pool[start : min(start + batch_size, n_images)]))
+        # near-equal batches: each counts the same in the average, and none is a lone image
+        for batch in torch.tensor_split(images, math.ceil(images.shape[0] / batch_size)):
+            copied(to_unit(batch))
     for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum
     return copied.eval()
