@@ -19,12 +19,12 @@ from torch import nn
 from fewshot.augment import OnlineAffine
 from fewshot.baseline import BaselineConfig
 from fewshot.data import draw_labels, load_mnist, to_unit
-from fewshot.device import FP32, NATIVE_BF16_ENV, Precision, cpu_has_native_bf16, place, resolve_precision
+from fewshot.device import FP32, NATIVE_BF16_ENV, Precision, cpu_has_native_bf16, resolve_precision
 from fewshot.errors import UserError
 from fewshot.hpo import HpoConfig
 from fewshot.linear_eval import LinearEvalConfig
 from fewshot.moco import MoCo, SplitBatchNorm2d
-from fewshot.models import EncoderClassifier, build_classifier, build_encoder
+from fewshot.models import build_classifier, build_encoder
 from fewshot.pretrain import PretrainConfig, load_checkpoint, pretrain
 from fewshot.pretrain.job import run_pretrain
 from fewshot.semisup import (
@@ -36,7 +36,7 @@ from fewshot.semisup import (
     train_semisup,
 )
 from fewshot.semisup.job import run_semisup
-from fewshot.semisup.model import with_clean_batchnorm
+from fewshot.semisup.model import build_model, with_clean_batchnorm
 from fewshot.train import FitConfig, fit
 from fewshot.workflow import WorkflowConfig
 from tests.encoders import same_weights
@@ -340,7 +340,7 @@ def test_semisup_resumes_a_bf16_run_in_the_same_mlflow_run(
     assert run.data.params["precision"] == "bf16" and run.data.params["precision_resolved"] == "bf16"
     state = torch.load(folder / "semi" / "last.pt", weights_only=True)
     # the checkpoint keeps the EMA as trained; what is scored is its copy with clean-pool statistics
-    ema = place(EncoderClassifier(build_encoder("digit", cfg.width)), "cpu")  # channels-last, as trained
+    ema = build_model(cfg, None, torch.device("cpu"))  # the trainer's own layout (channels-last)
     ema.load_state_dict(state["ema"])
     scored = with_clean_batchnorm(ema, data.pool, cfg.bn_recalibration, Precision.choose(cfg.precision, "cpu"))
     assert state["finished"] and _state_equal(scored.state_dict(), reference.model.state_dict())

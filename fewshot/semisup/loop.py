@@ -136,6 +136,7 @@ class SemisupTrainer:
         self.monitor = Monitor(self.device)
         self.with_labels = data.pool_labels is not None
         self.step, self.history, self.seconds = 0, [], 0.0
+        self._scored: tuple[int, EncoderClassifier] | None = None  # (step, its clean-statistics copy)
         self._order, self._order_epoch = torch.empty(0, dtype=torch.long), -1
         if cfg.graph_k > 0 and build_graph:  # a resume brings the graph and memory in its checkpoint
             self._build_smoother()
@@ -178,7 +179,11 @@ class SemisupTrainer:
         batch-norm statistics of clean pool images (training goes on with its own)."""
         if self.cfg.bn_recalibration <= 0:
             return self.evaluated  # mid-run this may be the online model: its mode is left alone
-        return with_clean_batchnorm(self.evaluated, self.data.pool, self.cfg.bn_recalibration, self.precision)
+        # the last evaluation and the returned model are the same step's: one recalibration serves both
+        if self._scored is None or self._scored[0] != self.step:
+            clean = with_clean_batchnorm(self.evaluated, self.data.pool, self.cfg.bn_recalibration, self.precision)
+            self._scored = (self.step, clean)
+        return self._scored[1]
 
     def checkpoint_state(self) -> dict[str, Any]:
         ema = self.ema
