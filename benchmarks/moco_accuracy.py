@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--moco-t", type=float, default=defaults.moco_t)
     parser.add_argument("--moco-m", type=float, default=defaults.moco_m)
     parser.add_argument("--augment", default=defaults.augment)
+    parser.add_argument("--positive", default=defaults.positive, help="key, or nearest (NNCLR's positives)")
     parser.add_argument("--seed", type=int, default=0, help="pretraining seed (draw 0's unlabeled pool)")
     parser.add_argument("--draws", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--feature-grid", type=int, default=2, help="probes read the last map pooled to grid x grid")
@@ -138,7 +139,7 @@ def main() -> None:
     cfg = PretrainConfig(
         arch=args.arch, width=args.width, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         moco_k=args.moco_k, moco_t=args.moco_t, moco_m=args.moco_m, augment=args.augment, seed=args.seed,
-        data_dir=args.data_dir, device=args.device, knn_test=False, max_steps_per_epoch=args.max_steps,
+        positive=args.positive, data_dir=args.data_dir, device=args.device, knn_test=False, max_steps_per_epoch=args.max_steps,
         checkpoint_minutes=0,
     )  # fmt: skip
     cfg.validate()

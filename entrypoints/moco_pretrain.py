@@ -8,6 +8,7 @@ import click
 import torch.distributed as dist
 
 from fewshot.cli import FewshotCommand, bool_option, common_options, draw_options, output_dir
+from fewshot.moco import POSITIVES
 from fewshot.models import ENCODERS
 from fewshot.pretrain import M_SCHEDULES, VIEW_PRESETS, PretrainConfig
 from fewshot.pretrain.job import run_pretrain
@@ -29,6 +30,8 @@ DEFAULTS = PretrainConfig()
 @click.option("--moco-dim", type=int, default=DEFAULTS.moco_dim, show_default=True, help="Projection dimension.")
 @bool_option("--mlp", DEFAULTS.mlp, "2-layer MLP projection head (MoCo v2); false: one linear layer (v1).")
 @bool_option("--symmetric", DEFAULTS.symmetric, "Symmetric loss (both views as queries; twice the cost per image).")
+@click.option("--positive", type=click.Choice(POSITIVES), default=DEFAULTS.positive, show_default=True,
+              help="key: a query's positive is its own key; nearest: the queued key most similar to it (NNCLR).")  # fmt: skip
 @click.option("--bn-splits", type=int, default=DEFAULTS.bn_splits, show_default=True,
               help="Split batch-norm groups on one process (blocks the BN leak; torchrun uses shuffle-BN).")  # fmt: skip
 @click.option("--augment", type=click.Choice(list(VIEW_PRESETS)), default=DEFAULTS.augment, show_default=True)

@@ -1,5 +1,6 @@
 """MoCo v2 in one module: query encoder + projection head, momentum key encoder, a queue of
-negatives as a ring buffer, InfoNCE, and the batch-norm leak fix for one or several processes.
+negatives as a ring buffer, InfoNCE (optionally with NNCLR's nearest-neighbour positives), and the
+batch-norm leak fix for one or several processes.
 
 Batch-norm leak. A query and its positive key are two views of the same image; if both
 encoders normalise over the same set of images, the batch statistics let the model tell the
@@ -198,17 +199,31 @@ def projection_head(feature_dim: int, dim: int, mlp: bool) -> nn.Module:
     return nn.Linear(feature_dim, dim)
 
 
+# what a query is pulled towards: its own key (MoCo), or the queued key most similar to it (NNCLR)
+POSITIVES = ("key", "nearest")
+
+
 def info_nce(
-    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float
+    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float, nearest: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """InfoNCE of L2-normalised queries ``q`` (N, D) against positives ``k`` (N, D) and the
-    negatives in ``queue`` (D, K). Returns (loss, logits); the positive is column 0."""
+    negatives in ``queue`` (D, K). Returns (loss, logits); the positive is column 0.
+
+    ``nearest``: each positive is the queue's key most similar to ``k`` instead of ``k`` itself
+    (NNCLR, Dwibedi et al., 2021), and that key leaves the negatives. Another image the key
+    encoder already sees as alike, mostly of the same class, is pulled close: classes tighten
+    beyond what two views of one image teach."""
     # fp32 island: logits / T need more than bf16's 3 significant digits (at T = 0.2 a rounding of
     # the similarity by 0.004 moves a logit by 0.02), and the loss is a sum of their exponentials
     with torch.autocast(q.device.type, enabled=False):
-        q, k = q.float(), k.float()
+        q, k, bank = q.float(), k.float(), queue.clone().detach().float()
+        if nearest:
+            closest = (k @ bank).argmax(dim=1, keepdim=True)
+            k = bank.T[closest.squeeze(1)]
         positive = (q * k).sum(dim=1, keepdim=True)
-        negative = q @ queue.clone().detach().float()
+        negative = q @ bank
+        if nearest:
+            negative = negative.scatter(1, closest, -math.inf)
         logits = torch.cat([positive, negative], dim=1) / temperature
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     return F.cross_entropy(logits, labels), logits
@@ -242,11 +257,15 @@ class MoCo(nn.Module):
         symmetric: bool = False,
         bn_splits: int = 1,
         generator: torch.Generator | None = None,
+        positive: str = "key",
     ) -> None:
         super().__init__()
+        if positive not in POSITIVES:
+            raise ValueError(f"positive must be one of {', '.join(POSITIVES)}; got {positive!r}")
         self.k = k
         self.temperature = temperature
         self.symmetric = symmetric
+        self.nearest = positive == "nearest"
         self.bn_splits = bn_splits
         if bn_splits > 1:
             convert_split_bn(backbone, bn_splits)
@@ -321,14 +340,14 @@ class MoCo(nn.Module):
         if self.symmetric:
             q1, q2 = self.query(x1), self.query(x2)
             k1, k2 = self.key(x1, generator), self.key(x2, generator)
-            loss12, logits = info_nce(q1, k2, self.queue, self.temperature)
-            loss21, _ = info_nce(q2, k1, self.queue, self.temperature)
+            loss12, logits = info_nce(q1, k2, self.queue, self.temperature, self.nearest)
+            loss21, _ = info_nce(q2, k1, self.queue, self.temperature, self.nearest)
             loss = (loss12 + loss21) / 2
             keys = torch.cat([k1, k2])
         else:
             q = self.query(x1)
             k = self.key(x2, generator)
-            loss, logits = info_nce(q, k, self.queue, self.temperature)
+            loss, logits = info_nce(q, k, self.queue, self.temperature, self.nearest)
             keys = k
         self.enqueue(concat_all_gather(keys.float()))
         return loss, logits

@@ -93,6 +93,34 @@ def test_loss_is_log_k_plus_one_when_all_logits_are_equal():
     assert loss.item() == pytest.approx(math.log(k + 1), rel=1e-5)
 
 
+def test_nearest_positive_is_the_most_similar_queued_key_and_leaves_the_negatives():
+    generator = torch.Generator().manual_seed(0)
+    queue = F.normalize(torch.randn(8, 20, generator=generator), dim=0)
+    chosen = torch.tensor([3, 17, 3])
+    k = F.normalize(queue.T[chosen] + 0.05 * torch.randn(3, 8, generator=generator), dim=1)
+    q = F.normalize(torch.randn(3, 8, generator=generator), dim=1)
+    loss, logits = info_nce(q, k, queue, temperature=0.5, nearest=True)
+    assert torch.allclose(logits[:, 0], (q * queue.T[chosen]).sum(1) / 0.5, atol=1e-6)
+    assert torch.isinf(logits[torch.arange(3), 1 + chosen]).all()
+    others = torch.ones(3, 20, dtype=torch.bool)
+    others[torch.arange(3), chosen] = False
+    assert torch.allclose(logits[:, 1:][others], (q @ queue / 0.5)[others], atol=1e-6)
+    assert torch.isfinite(loss)
+    own_loss, own_logits = info_nce(q, k, queue, temperature=0.5)
+    assert torch.allclose(own_logits[:, 0], (q * k).sum(1) / 0.5, atol=1e-6) and own_loss != loss
+
+
+def test_moco_with_nearest_positives_trains_the_query_encoder():
+    model = tiny_moco(k=16, dim=4, bn_splits=2, positive="nearest")
+    x = torch.rand(8, 1, 28, 28)
+    loss, logits = model(x, x.flip(-1), 0.99, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isinf(logits).sum(1).eq(1).all()  # one queued key left the negatives
+    assert all(p.grad is not None for p in model.query_parameters())
+    with pytest.raises(ValueError, match="positive"):
+        tiny_moco(positive="neighbour")
+
+
 def test_key_encoder_gets_no_gradients_and_query_encoder_does():
     model = tiny_moco(k=16, dim=4, bn_splits=2)
     x = torch.rand(8, 1, 28, 28)

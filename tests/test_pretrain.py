@@ -55,6 +55,7 @@ def without_timing(history: list[dict[str, float]]) -> list[dict[str, float]]:
         ({"arch": "vgg"}, "--arch vgg"),
         ({"bn_splits": 3}, "--bn-splits 3"),
         ({"augment": "flips"}, "--augment"),
+        ({"positive": "neighbour"}, "--positive neighbour"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_option(change, option):
@@ -77,6 +78,15 @@ def test_pretrain_reports_epochs_and_returns_a_plain_encoder(data, tmp_path):
     assert not any("Split" in type(m).__name__ for m in result.encoder.modules())
     assert result.encoder(torch.rand(3, 1, 28, 28)).shape == (3, result.encoder.feature_dim)
     assert result.steps == 6 and len(result.history) == 2
+
+
+def test_nearest_positives_train_another_encoder_from_the_same_start(data, tmp_path):
+    own_key = pretrain(tiny(tmp_path, epochs=1), *data)
+    nearest = pretrain(tiny(tmp_path, epochs=1, positive="nearest"), *data)
+    assert 0 < nearest.history[-1]["loss"] < 20
+    assert own_key.history[-1]["loss"] != nearest.history[-1]["loss"]
+    state, other = own_key.encoder.state_dict(), nearest.encoder.state_dict()
+    assert any(not torch.equal(state[name], other[name]) for name in state)
 
 
 def test_on_epoch_exceptions_propagate(data, tmp_path):

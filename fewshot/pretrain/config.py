@@ -10,7 +10,7 @@ from typing import Any
 from fewshot import augment as aug
 from fewshot.device import check_precision
 from fewshot.errors import UserError
-from fewshot.moco import check_queue
+from fewshot.moco import POSITIVES, check_queue
 from fewshot.models import ENCODERS
 
 # Two-view augmentations. "digits" keeps the digit legible: mild crops that can also zoom
@@ -47,6 +47,7 @@ class PretrainConfig:
     moco_dim: int = 128
     mlp: bool = True
     symmetric: bool = False
+    positive: str = "key"  # "nearest": NNCLR's nearest-neighbour positives from the queue
     bn_splits: int = 8
     augment: str = "digits"
     augment_strength: float = 1.0
@@ -81,6 +82,7 @@ class PretrainConfig:
         need(self.m_schedule in M_SCHEDULES, f"--m-schedule {self.m_schedule}: choose one of {', '.join(M_SCHEDULES)}")
         need(0.01 <= self.moco_t <= 10, f"--moco-t {self.moco_t}: must be between 0.01 and 10 (0.07-0.2 are usual)")
         need(2 <= self.moco_dim <= 4096, f"--moco-dim {self.moco_dim}: must be between 2 and 4096")
+        need(self.positive in POSITIVES, f"--positive {self.positive}: choose one of {', '.join(POSITIVES)}")
         need(self.bn_splits >= 1, f"--bn-splits {self.bn_splits}: must be >= 1")
         if world_size == 1:
             need(
@@ -105,6 +107,6 @@ class PretrainConfig:
     # settings a resumed run must share with its checkpoint (the rest may change)
     RESUME_KEYS = (
         "arch", "width", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "moco_k", "moco_m",
-        "m_schedule", "moco_t", "moco_dim", "mlp", "symmetric", "bn_splits", "augment", "augment_strength",
+        "m_schedule", "moco_t", "moco_dim", "mlp", "symmetric", "positive", "bn_splits", "augment", "augment_strength",
         "seed", "labels_per_class", "n_labels", "max_steps_per_epoch", "precision",
     )  # fmt: skip
