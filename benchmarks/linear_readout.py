@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.csv_rows import write_rows  # noqa: E402
 from fewshot import augment as aug  # noqa: E402
-from fewshot.data import NUM_CLASSES, draw_labels, load_mnist, to_unit  # noqa: E402
+from fewshot.data import MNIST, NUM_CLASSES, draw_labels, load_mnist, to_unit  # noqa: E402
 from fewshot.device import Precision, configure_threads, precision_context, seed_everything  # noqa: E402
 from fewshot.encoder_source import DEFAULT_ENCODER, resolve_encoder  # noqa: E402
 from fewshot.linear_head import FeatureSet, train_linear_head  # noqa: E402
@@ -124,7 +124,9 @@ def cross_validated(x: torch.Tensor, y: torch.Tensor, fold: torch.Tensor, plain:
     return correct / int(plain.sum())
 
 
-def draw_rows(encoder: nn.Module, mnist, seed: int, args: argparse.Namespace, test: dict, precision: Precision) -> list:
+def draw_rows(
+    encoder: nn.Module, mnist: MNIST, seed: int, args: argparse.Namespace, test: dict, precision: Precision
+) -> list[dict]:
     """One row per variant for one label draw: its CV accuracy on the labels and its test top-1."""
     draw = draw_labels(mnist.train_labels, seed)
     labeled = torch.cat([draw.train_idx, draw.val_idx])
