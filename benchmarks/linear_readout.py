@@ -15,8 +15,9 @@ features it is trained on:
   probes' strong digit view with crossbars; ``affine``: the mild affine; ``moco``: MoCo's own
   two-view augmentation), features computed once.
 The pool transforms read pool images only (never a pool label). The figure a variant could be
-chosen by is stratified 5-fold cross-validation over each draw's 100 labels (views of an image stay
-in its fold; only plain images are scored); test top-1 on the full 10,000 images is printed beside
+chosen by is stratified 5-fold cross-validation over each draw's 100 labels, the folds of `hpo`'s
+objective (`fewshot.hpo.folds.make_splits`; views of an image stay in its fold, only plain images are
+scored); test top-1 on the full 10,000 images is printed beside
 it for the record.
 
     python benchmarks/linear_readout.py --encoder models:/fewshot-moco-encoder@champion
@@ -39,9 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.csv_rows import write_rows  # noqa: E402
 from fewshot import augment as aug  # noqa: E402
-from fewshot.data import MNIST, NUM_CLASSES, draw_labels, load_mnist, to_unit  # noqa: E402
+from fewshot.data import MNIST, draw_labels, load_mnist, to_unit  # noqa: E402
 from fewshot.device import Precision, configure_threads, precision_context, seed_everything  # noqa: E402
 from fewshot.encoder_source import DEFAULT_ENCODER, resolve_encoder  # noqa: E402
+from fewshot.evaluate import topk_accuracy  # noqa: E402
+from fewshot.hpo.folds import LabeledSet, Split, make_splits  # noqa: E402
 from fewshot.linear_head import FeatureSet, train_linear_head  # noqa: E402
 from fewshot.pretrain.config import VIEW_PRESETS  # noqa: E402
 from fewshot.train import FitConfig  # noqa: E402
@@ -100,28 +103,21 @@ def head_accuracy(x: torch.Tensor, y: torch.Tensor, x_eval: torch.Tensor, y_eval
     features = FeatureSet(x, y, x[:0], y[:0], x_eval, y_eval)
     head, _ = train_linear_head(features, cfg, own_scaling, seed_everything(seed, x.device), normalize=own_scaling)
     with torch.no_grad():
-        return float((head(x_eval).argmax(1) == y_eval).float().mean())
+        return topk_accuracy(head(x_eval), y_eval, ks=(1,))[1]
 
 
-def stratified_folds(y: torch.Tensor) -> torch.Tensor:
-    """Fold index of each label: its rank within its class, modulo FOLDS."""
-    fold = torch.zeros_like(y)
-    for c in range(NUM_CLASSES):
-        members = (y == c).nonzero().flatten()
-        fold[members] = torch.arange(len(members)) % FOLDS
-    return fold
-
-
-def cross_validated(x: torch.Tensor, y: torch.Tensor, fold: torch.Tensor, plain: torch.Tensor, own_scaling: bool,
-                    epochs: int, seed: int) -> float:  # fmt: skip
-    """Accuracy over the plain labeled images, each scored by a head that never saw it (nor its views)."""
+def cross_validated(x: torch.Tensor, y: torch.Tensor, splits: list[Split], own_scaling: bool, epochs: int,
+                    seed: int) -> float:  # fmt: skip
+    """Accuracy over the plain labeled images, each scored by a head that never saw it (nor its views):
+    rows ``i + j * n`` of ``x`` are view ``j`` of labeled image ``i`` (view 0 the plain image)."""
+    n = sum(len(split.val) for split in splits)
+    repeats = x.shape[0] // n
     correct = 0.0
-    for k in range(FOLDS):
-        held = fold == k
-        scored = held & plain
-        accuracy = head_accuracy(x[~held], y[~held], x[scored], y[scored], own_scaling, epochs, seed)
-        correct += accuracy * int(scored.sum())
-    return correct / int(plain.sum())
+    for split in splits:
+        fit_rows = torch.cat([split.train + j * n for j in range(repeats)])
+        accuracy = head_accuracy(x[fit_rows], y[fit_rows], x[split.val], y[split.val], own_scaling, epochs, seed)
+        correct += accuracy * len(split.val)
+    return correct / n
 
 
 def draw_rows(
@@ -131,6 +127,7 @@ def draw_rows(
     draw = draw_labels(mnist.train_labels, seed)
     labeled = torch.cat([draw.train_idx, draw.val_idx])
     images, y = to_unit(mnist.train_images[labeled]), mnist.train_labels[labeled]
+    splits = make_splits(LabeledSet(images, y, len(draw.train_idx)), FOLDS, seed)  # the hpo objective's folds
     maps = pooled_maps(encoder, images, precision)
     pool = pooled_maps(encoder, to_unit(mnist.train_images[draw.unlabeled_idx[:POOL_IMAGES]]), precision)["last"]
     rows = []
@@ -146,11 +143,10 @@ def draw_rows(
             warped = [view(images, generator) for _ in range(args.views)]
             x = torch.cat([x] + [pooled_maps(encoder, w, precision)["last"] for w in warped])
             repeats = args.views + 1
-        ys, folds = y.repeat(repeats), stratified_folds(y).repeat(repeats)
-        plain = torch.arange(len(ys)) < len(y)
+        ys = y.repeat(repeats)
         rows.append({
             "draw": seed, "variant": variant, "feature_dim": x.shape[1],
-            "cv_top1": cross_validated(x, ys, folds, plain, own_scaling, args.epochs, seed),
+            "cv_top1": cross_validated(x, ys, splits, own_scaling, args.epochs, seed),
             "test_top1": head_accuracy(x, ys, x_test, mnist.test_labels, own_scaling, args.epochs, seed),
         })  # fmt: skip
         print(f"draw {seed} {variant:18s} cv {100 * rows[-1]['cv_top1']:.0f}  test {100 * rows[-1]['test_top1']:.2f}",
