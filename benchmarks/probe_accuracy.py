@@ -31,7 +31,7 @@ from fewshot.encoder_source import DEFAULT_ENCODER, resolve_encoder  # noqa: E40
 from fewshot.evaluate import predict_logits, topk_accuracy  # noqa: E402
 from fewshot.linear_head import cached_features  # noqa: E402
 from fewshot.models import build_classifier, with_feature_grid  # noqa: E402
-from fewshot.probe import ProbeContext, ProbeSettings, run_probe  # noqa: E402
+from fewshot.probe import ProbeContext, ProbeSettings, default_feature_maps, run_probe  # noqa: E402
 from fewshot.train import FitConfig, fit  # noqa: E402
 
 PROBE_LABELS = {"linear": "MoCo + linear probe", "knn": "MoCo + weighted kNN", "finetune": "MoCo + fine-tuning"}
@@ -49,12 +49,15 @@ def supervised_cnn(mnist, draw, device: torch.device, epochs: int) -> tuple[floa
     return top1, time.perf_counter() - started
 
 
-def probe_draw(encoder, mnist, draw, device: torch.device, args: argparse.Namespace) -> dict[str, float]:
+def probe_draw(
+    encoder, mnist, draw, device: torch.device, args: argparse.Namespace, probes: list[str]
+) -> dict[str, float]:
+    """``probes`` on one draw, all reading ``encoder``'s features (computed once)."""
     precision = Precision.choose(args.precision, device)
     features = cached_features(encoder, mnist, draw, device, precision=precision)
     images = labeled_tensors(mnist, draw, device)
     row: dict[str, float] = {"draw": draw.seed, "feature_seconds": features.seconds}
-    for probe in args.probes:
+    for probe in probes:
         epochs = args.finetune_epochs if probe == "finetune" else args.epochs
         fit_cfg = FitConfig(optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                             batch_size=args.batch_size, epochs=epochs, progress=False)  # fmt: skip
@@ -74,9 +77,17 @@ def probe_draw(encoder, mnist, draw, device: torch.device, args: argparse.Namesp
         row[f"{probe}_val_top1"] = topk_accuracy(result.val_scores, features.y_val)[1]
         row[f"{probe}_head_seconds"] = result.head_seconds
         row[f"{probe}_seconds"] = time.perf_counter() - started
-    if args.baseline_epochs > 0:
-        row["cnn_top1"], row["cnn_seconds"] = supervised_cnn(mnist, draw, device, args.baseline_epochs)
     return row
+
+
+def readouts(encoder, arch: str, args: argparse.Namespace) -> list[tuple[torch.nn.Module, list[str]]]:
+    """(read-out module, the probes reading it): ``--feature-maps auto`` gives each probe
+    linear_eval's default (two maps for the linear probe on the digit encoder, one for the others)."""
+    groups: dict[int, list[str]] = {}
+    for probe in args.probes:
+        maps = default_feature_maps(probe, arch) if args.feature_maps == "auto" else int(args.feature_maps)
+        groups.setdefault(maps, []).append(probe)
+    return [(with_feature_grid(encoder, args.feature_grid, maps), probes) for maps, probes in groups.items()]
 
 
 def _mean_std(values: list[float]) -> str:
@@ -104,7 +115,8 @@ def markdown_table(rows: list[dict[str, float]], args: argparse.Namespace, sourc
         "",
         f"Encoder: {source.uri} ({source.arch}, width {source.width}, version {source.version or '-'}, "
         f"run {source.run_id or '-'}); draws {', '.join(map(str, draws))}; 10,000 test images.",
-        f"Read-out: last map pooled to {args.feature_grid}x{args.feature_grid}, L2 normalisation "
+        f"Read-out: feature maps {args.feature_maps} (auto: two for the linear probe, one for the others) pooled "
+        f"to {args.feature_grid}x{args.feature_grid}, L2 normalisation "
         f"{'off' if args.no_normalize else 'on'}, refit on all 100 labels {'off' if args.no_refit else 'on'}.",
         f"Features of 100 labeled + 10,000 test images: {statistics.mean(r['feature_seconds'] for r in rows):.1f} s "
         "per draw"
@@ -130,6 +142,8 @@ def main() -> None:
     parser.add_argument(
         "--feature-grid", type=int, default=2, help="the probes read the last map pooled to grid x grid"
     )
+    parser.add_argument("--feature-maps", choices=("auto", "1", "2"), default="auto",
+                        help="2: also the map before the last down-sampling (linear_eval --feature-maps)")  # fmt: skip
     parser.add_argument("--no-standardize", action="store_true")
     parser.add_argument("--no-normalize", action="store_true", help="no L2 normalisation before the linear head")
     parser.add_argument(
@@ -159,10 +173,16 @@ def main() -> None:
     device = pick_device(args.device)
     mnist = load_mnist(args.data_dir)
     encoder, source = resolve_encoder(args.encoder)
-    encoder = with_feature_grid(encoder, args.feature_grid)
+    groups = readouts(encoder, source.arch, args)
     rows = []
     for seed in args.draws:
-        row = probe_draw(encoder, mnist, draw_labels(mnist.train_labels, seed), device, args)
+        draw = draw_labels(mnist.train_labels, seed)
+        row: dict[str, float] = {"draw": seed, "feature_seconds": 0.0}
+        for read, probes in groups:
+            part = probe_draw(read, mnist, draw, device, args, probes)
+            row = {**row, **part, "feature_seconds": row["feature_seconds"] + part["feature_seconds"]}
+        if args.baseline_epochs > 0:
+            row["cnn_top1"], row["cnn_seconds"] = supervised_cnn(mnist, draw, device, args.baseline_epochs)
         rows.append(row)
         print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
     table = markdown_table(rows, args, source)

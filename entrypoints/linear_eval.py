@@ -53,6 +53,14 @@ from fewshot.train import OPTIMIZERS, FitConfig
     show_default=True,
     help="Frozen probes read the encoder's last feature map average-pooled to this grid (2: 4x the values of 1).",
 )
+@click.option(
+    "--feature-maps",
+    type=click.Choice(["auto", "1", "2"]),
+    default="auto",
+    show_default=True,
+    help="Frozen probes read the last map (1), or also the map before the last down-sampling (2; digit encoder); "
+    "auto: 2 for the linear probe on the digit encoder, else 1.",
+)
 @bool_option(
     "--refit", True, "Linear probe: after early stopping on the 25 validation labels, train a fresh head on all 100."
 )
@@ -74,7 +82,9 @@ def main(**opts) -> None:
         batch_size=opts.pop("batch_size"), epochs=opts.pop("epochs"), patience=opts.pop("patience"),
         schedule=opts.pop("schedule"),
     )  # fmt: skip
-    result = run_linear_eval(LinearEvalConfig(**opts, **draw, fit=fit))
+    maps = opts.pop("feature_maps")
+    cfg = LinearEvalConfig(**opts, **draw, feature_maps=None if maps == "auto" else int(maps), fit=fit)
+    result = run_linear_eval(cfg)
     click.echo(
         f"{result['probe']} probe: test top-1 {result['test_top1']:.4f}, top-5 {result['test_top5']:.4f}, "
         f"validation top-1 {result['val_top1']:.4f}; head trained in {result['head_seconds']:.2f} s (run {result['run_id']})"

@@ -31,7 +31,9 @@ DEFAULTS = PretrainConfig()
 @bool_option("--mlp", DEFAULTS.mlp, "2-layer MLP projection head (MoCo v2); false: one linear layer (v1).")
 @bool_option("--symmetric", DEFAULTS.symmetric, "Symmetric loss (both views as queries; twice the cost per image).")
 @click.option("--positive", type=click.Choice(POSITIVES), default=DEFAULTS.positive, show_default=True,
-              help="key: a query's positive is its own key; nearest: the queued key most similar to it (NNCLR).")  # fmt: skip
+              help="key: a query's positive is its own key; nearest: the queued keys most similar to it (NNCLR).")  # fmt: skip
+@click.option("--nearest-k", type=int, default=DEFAULTS.nearest_k, show_default=True,
+              help="With --positive nearest: how many of the closest queued keys are a query's positives.")  # fmt: skip
 @click.option("--bn-splits", type=int, default=DEFAULTS.bn_splits, show_default=True,
               help="Split batch-norm groups on one process (blocks the BN leak; torchrun uses shuffle-BN).")  # fmt: skip
 @click.option("--augment", type=click.Choice(list(VIEW_PRESETS)), default=DEFAULTS.augment, show_default=True)

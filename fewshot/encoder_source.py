@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fewshot.errors import UserError
-from fewshot.models import ENCODERS, build_encoder
+from fewshot.models import ENCODERS, build_encoder, with_feature_grid
 from fewshot.names import DEFAULT_ENCODER, MOCO_CHECKPOINT_FORMAT, MOCO_CHECKPOINT_VERSION
 
 ENCODER_KINDS = ("encoder", "encoder_classifier")  # spec kinds whose weights hold an encoder
@@ -151,12 +151,13 @@ def load_model_dir(model_dir: Path, label: str) -> tuple[nn.Module, dict[str, An
             else state
         )
     encoder = build_from_state(spec["arch"], spec.get("width", 32), state, label)
-    # a classifier of linear_eval read the last map pooled to a grid; the encoder comes back plain
-    grid = int(spec.get("feature_grid", 1))
-    if "feature_dim" in spec and int(spec["feature_dim"]) != encoder.feature_dim * grid * grid:
+    # a classifier of linear_eval read the last map (or two) pooled to a grid; the encoder comes back plain
+    grid, maps = int(spec.get("feature_grid", 1)), int(spec.get("feature_maps", 1))
+    read = encoder.feature_dim * grid * grid if maps == 1 else with_feature_grid(encoder, grid, maps).feature_dim
+    if "feature_dim" in spec and int(spec["feature_dim"]) != read:
         raise UserError(
-            f"{label}: spec says feature_dim {spec['feature_dim']} (feature grid {grid}), the encoder gives "
-            f"{encoder.feature_dim * grid * grid}"
+            f"{label}: spec says feature_dim {spec['feature_dim']} (feature grid {grid}, {maps} map(s)), the "
+            f"encoder gives {read}"
         )
     return encoder, spec
 

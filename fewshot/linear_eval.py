@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -24,7 +24,15 @@ from fewshot.errors import UserError
 from fewshot.evaluate import confusion_matrix, predict_logits, single_view_metrics, topk_accuracy
 from fewshot.linear_head import FeatureSet, cached_features, encode
 from fewshot.models import with_feature_grid
-from fewshot.probe import DEFAULT_FEATURE_GRID, PROBES, ProbeContext, ProbeResult, ProbeSettings, run_probe
+from fewshot.probe import (
+    DEFAULT_FEATURE_GRID,
+    PROBES,
+    ProbeContext,
+    ProbeResult,
+    ProbeSettings,
+    default_feature_maps,
+    run_probe,
+)
 from fewshot.train import FitConfig, flat_params
 
 # online: a mild random affine; strong: augment.STRONG_DIGITS with crossbars; auto: none for linear and kNN,
@@ -46,6 +54,9 @@ class LinearEvalConfig:
     encoder_lr_ratio: float = 0.1
     tta_views: int = 8  # fine-tuning only, as the CNN baseline: test scores over the image and 8 warped copies
     feature_grid: int = DEFAULT_FEATURE_GRID  # not for semisup, which trains its own global-pool classifier
+    # 2: also the map before the last down-sampling (the digit encoder's 14x14); None: the probe's default
+    # (fewshot.probe.default_feature_maps: 2 for the linear probe on the digit encoder, else 1)
+    feature_maps: int | None = None
     refit: bool = True
     normalize: bool = True
     embedding: str = "pca"
@@ -81,6 +92,8 @@ class LinearEvalConfig:
             raise UserError(f"--encoder-lr-ratio {self.encoder_lr_ratio}: must be in (0, 10]")
         if not 1 <= self.feature_grid <= 4:
             raise UserError(f"--feature-grid {self.feature_grid}: must be between 1 and 4")
+        if self.feature_maps not in (None, 1, 2):
+            raise UserError(f"--feature-maps {self.feature_maps}: must be 1 (the last map) or 2 (also the one before)")
         if self.embedding not in EMBEDDINGS:
             raise UserError(f"--embedding {self.embedding}: choose one of {', '.join(EMBEDDINGS)}")
         if self.probe == "finetune" and self.fit.optimizer == "lbfgs":
@@ -107,16 +120,32 @@ class LinearEvalConfig:
     def grid(self) -> int:
         return 1 if self.probe == "semisup" else self.feature_grid
 
+    @property
+    def maps(self) -> int:
+        if self.probe == "semisup":
+            return 1
+        return default_feature_maps(self.probe) if self.feature_maps is None else self.feature_maps
+
+    def for_encoder(self, arch: str) -> LinearEvalConfig:
+        """The config with the read-out's default resolved for an encoder of ``arch``."""
+        if self.feature_maps is not None:
+            return self
+        return replace(self, feature_maps=default_feature_maps(self.probe, arch))
+
     def params(self) -> dict:
         flat = flat_params(self)
         flat["augment"] = self.augmentation
-        flat["feature_grid"] = self.grid
+        flat["feature_grid"], flat["feature_maps"] = self.grid, self.maps
         return flat
 
+    def readout_spec(self) -> dict:
+        """How the classifier reads the encoder, in the logged models' spec.json."""
+        return {"feature_grid": self.grid, "feature_maps": self.maps}
 
-def _head_spec(probe: str, feature_dim: int, grid: int) -> dict:
+
+def _head_spec(probe: str, feature_dim: int, readout: dict) -> dict:
     kind = "knn_head" if probe == "knn" else "linear_head"
-    return {"kind": kind, "in_features": feature_dim, "num_classes": NUM_CLASSES, "probe": probe, "feature_grid": grid}
+    return {"kind": kind, "in_features": feature_dim, "num_classes": NUM_CLASSES, "probe": probe, **readout}
 
 
 def _embedding_features(result: ProbeResult, features: FeatureSet, x_test: torch.Tensor) -> torch.Tensor:
@@ -135,7 +164,8 @@ def run_linear_eval(cfg: LinearEvalConfig) -> dict:
     mnist = load_mnist(cfg.data_dir)
     draw = draw_labels(mnist.train_labels, cfg.seed, cfg.labels_per_class, cfg.n_labels)
     encoder, source = resolve_encoder(cfg.encoder)  # before the run: a bad URI leaves no run behind
-    encoder = with_feature_grid(encoder, cfg.grid)
+    cfg = cfg.for_encoder(source.arch)
+    encoder = with_feature_grid(encoder, cfg.grid, cfg.maps)
     generator = seed_everything(cfg.seed, device)
     started = time.perf_counter()
     features = cached_features(encoder, mnist, draw, device, precision=precision)
@@ -197,11 +227,11 @@ def log_probe_result(
     tolerance = 1e-2 * float(own_scores[:500].abs().max()) if precision is not None and precision.bf16 else 1e-4
     if not torch.allclose(check, own_scores[:500], rtol=1e-4, atol=tolerance):
         raise RuntimeError("the classifier to be logged and the probe disagree on the test images")
-    tracker.log_torch_model(result.head, "head", _head_spec(cfg.probe, features.feature_dim, cfg.grid))
+    tracker.log_torch_model(result.head, "head", _head_spec(cfg.probe, features.feature_dim, cfg.readout_spec()))
     classifier_uri = tracker.log_torch_model(
         result.classifier, "classifier",
         {"kind": "encoder_classifier", "arch": source.arch, "width": source.width,
-         "feature_dim": features.feature_dim, "feature_grid": cfg.grid, "head": cfg.probe, "num_classes": NUM_CLASSES},
+         "feature_dim": features.feature_dim, **cfg.readout_spec(), "head": cfg.probe, "num_classes": NUM_CLASSES},
     )  # fmt: skip
     return {
         "probe": cfg.probe,

@@ -204,19 +204,22 @@ POSITIVES = ("key", "nearest")
 
 
 def info_nce(
-    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float, nearest: bool = False
+    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float, nearest: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """InfoNCE of L2-normalised queries ``q`` (N, D) against positives ``k`` (N, D) and the
-    negatives in ``queue`` (D, K). Returns (loss, logits); the positive is column 0.
+    negatives in ``queue`` (D, K). Returns (loss, logits); the (first) positive is column 0.
 
-    ``nearest``: each positive is the queue's key most similar to ``k`` instead of ``k`` itself
-    (NNCLR, Dwibedi et al., 2021), and that key leaves the negatives. Another image the key
-    encoder already sees as alike, mostly of the same class, is pulled close: classes tighten
-    beyond what two views of one image teach."""
+    ``nearest`` > 0: the positives are the ``nearest`` queued keys most similar to ``k`` instead of
+    ``k`` itself (NNCLR, Dwibedi et al., 2021, for one), and they leave the negatives. Other images
+    the key encoder already sees as alike, mostly of the same class, are pulled close: classes
+    tighten beyond what two views of one image teach. With several, each positive is scored
+    against the negatives alone and the losses are averaged (a multi-positive InfoNCE)."""
     # fp32 island: logits / T need more than bf16's 3 significant digits (at T = 0.2 a rounding of
     # the similarity by 0.004 moves a logit by 0.02), and the loss is a sum of their exponentials
     with torch.autocast(q.device.type, enabled=False):
         q, k, bank = q.float(), k.float(), queue.clone().detach().float()
+        if nearest > 1:
+            return _multi_positive_nce(q, k, bank, temperature, nearest)
         if nearest:
             closest = (k @ bank).argmax(dim=1, keepdim=True)
             k = bank.T[closest.squeeze(1)]
@@ -227,6 +230,22 @@ def info_nce(
         logits = torch.cat([positive, negative], dim=1) / temperature
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     return F.cross_entropy(logits, labels), logits
+
+
+def _multi_positive_nce(
+    q: torch.Tensor, k: torch.Tensor, bank: torch.Tensor, temperature: float, nearest: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``q`` (N, D), ``k`` (N, D), ``bank`` (D, K): the ``nearest`` keys of ``bank`` closest to
+    ``k`` are the positives; each is scored against the remaining keys, -log(e^p / (e^p + sum e^n)),
+    averaged over positives and queries. Logits: the closest positive, then the negatives."""
+    if nearest >= bank.shape[1]:
+        raise ValueError(f"{nearest} nearest positives leave no negatives in a queue of {bank.shape[1]}")
+    similarity = q @ bank
+    top = (k @ bank).topk(nearest, dim=1).indices
+    positive = similarity.gather(1, top) / temperature
+    negative = similarity.scatter(1, top, -math.inf) / temperature
+    loss = (torch.logaddexp(positive, torch.logsumexp(negative, dim=1, keepdim=True)) - positive).mean()
+    return loss, torch.cat([positive[:, :1], negative], dim=1)
 
 
 def check_queue(k: int, batch_size: int, world_size: int = 1, symmetric: bool = False) -> None:
@@ -244,7 +263,8 @@ class MoCo(nn.Module):
 
     ``backbone`` is any module with ``feature_dim``; a copy becomes the key encoder, which
     gets no gradients and follows the query encoder by ``momentum_update``. A K that is not
-    a multiple of the batch is fine: the ring buffer wraps around.
+    a multiple of the batch is fine: the ring buffer wraps around. ``positive="nearest"`` takes
+    the ``nearest_k`` queued keys closest to a query's key as its positives (``info_nce``).
     """
 
     def __init__(
@@ -258,14 +278,17 @@ class MoCo(nn.Module):
         bn_splits: int = 1,
         generator: torch.Generator | None = None,
         positive: str = "key",
+        nearest_k: int = 1,
     ) -> None:
         super().__init__()
         if positive not in POSITIVES:
             raise ValueError(f"positive must be one of {', '.join(POSITIVES)}; got {positive!r}")
+        if not 1 <= nearest_k < k:
+            raise ValueError(f"nearest_k must be at least 1 and below the queue size {k}; got {nearest_k}")
         self.k = k
         self.temperature = temperature
         self.symmetric = symmetric
-        self.nearest = positive == "nearest"
+        self.nearest = nearest_k if positive == "nearest" else 0  # how many queued keys are positives
         self.bn_splits = bn_splits
         if bn_splits > 1:
             convert_split_bn(backbone, bn_splits)

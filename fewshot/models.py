@@ -150,11 +150,17 @@ def build_encoder(arch: str, width: int = 32) -> nn.Module:
     return ENCODERS[arch](width)
 
 
-def with_feature_grid(encoder: nn.Module, grid: int) -> nn.Module:
+def with_feature_grid(encoder: nn.Module, grid: int, maps: int = 1) -> nn.Module:
     """A copy of ``encoder`` whose final average pool keeps a ``grid`` x ``grid`` map instead of
     one value per channel: features ``grid**2`` times as long, the same weights; each cell
     averages one region of the last map (on the digit encoder's 7x7 map, overlapping 4x4
-    windows). ``grid`` 1 returns ``encoder`` itself."""
+    windows). ``maps`` 2 also pools the map before the last down-sampling (the digit encoder's
+    14x14) to the same grid and appends it (``TwoMapReadout``). ``grid`` and ``maps`` 1 return
+    ``encoder`` itself."""
+    if maps not in (1, 2):
+        raise UserError(f"--feature-maps {maps}: must be 1 (the last map) or 2 (also the one before it)")
+    if maps == 2:
+        return TwoMapReadout(encoder, grid)
     if grid == 1:
         return encoder
     pools = [m for m in encoder.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
@@ -166,6 +172,38 @@ def with_feature_grid(encoder: nn.Module, grid: int) -> nn.Module:
     gridded.feature_dim = encoder.feature_dim * grid * grid
     gridded.feature_grid = grid
     return gridded
+
+
+class TwoMapReadout(nn.Module):
+    """The digit encoder read at two scales: its last map (7x7) and the map before the last max-pool
+    (14x14), each average-pooled to ``grid`` x ``grid`` and flattened, last map first. The finer map
+    keeps stroke-level detail the last one has pooled away; for 100 labels it is more input to the
+    same linear head, not a new model. Same weights and state_dict keys as the encoder (``body.*``)."""
+
+    def __init__(self, encoder: nn.Module, grid: int) -> None:
+        super().__init__()
+        body = getattr(encoder, "body", None)
+        kinds = [type(m) for m in body] if isinstance(body, nn.Sequential) else []
+        if nn.AdaptiveAvgPool2d not in kinds or nn.MaxPool2d not in kinds or getattr(encoder, "feature_grid", 1) != 1:
+            raise UserError("--feature-maps 2: only the digit encoder (conv blocks, max-pools, one global pool) has it")
+        self.body = copy.deepcopy(body)
+        self.pool_at = kinds.index(nn.AdaptiveAvgPool2d)
+        self.finer_at = max(i for i, kind in enumerate(kinds[: self.pool_at]) if kind is nn.MaxPool2d)
+        finer_channels = [m.out_channels for m in body[: self.finer_at] if isinstance(m, nn.Conv2d)][-1]
+        self.grid = grid
+        self.feature_dim = (encoder.feature_dim + finer_channels) * grid * grid
+        self.feature_grid, self.feature_maps = grid, 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        finer = x
+        for index, module in enumerate(self.body):
+            if index == self.pool_at:
+                break
+            if index == self.finer_at:
+                finer = x
+            x = module(x)
+        pooled = [nn.functional.adaptive_avg_pool2d(m, self.grid).flatten(1) for m in (x, finer)]
+        return torch.cat(pooled, dim=1)
 
 
 class EncoderClassifier(nn.Module):

@@ -38,6 +38,15 @@ from fewshot.train import Augment, EpochCallback, FitConfig, FitResult, fit
 # the frozen probes read the encoder's last map average-pooled to 2x2 (512 values at width 32)
 # rather than 1x1: +0.6 points linear, +2.0 kNN on the CPU default encoder (docs/benchmarks.md, read-out ablation)
 DEFAULT_FEATURE_GRID = 2
+# the linear probe also reads the map before the last down-sampling (the digit encoder's 14x14): the pick of
+# the labels' repeated 5-fold CV over MoCo recipes and read-outs (stop 26, docs/benchmarks.md); kNN and
+# fine-tuning keep the last map, where no such comparison was made
+LINEAR_FEATURE_MAPS = 2
+
+
+def default_feature_maps(probe: str, arch: str = "digit") -> int:
+    """How many feature maps a probe reads by default: two for the linear probe on the digit encoder."""
+    return LINEAR_FEATURE_MAPS if probe == "linear" and arch == "digit" else 1
 
 
 class FrozenWeightsChanged(RuntimeError):

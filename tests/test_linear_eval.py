@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from entrypoints.linear_eval import main as linear_eval_command
+from fewshot import tracking
 from fewshot.data import load_mnist, to_unit
 from fewshot.encoder_source import resolve_encoder
 from fewshot.linear_eval import LinearEvalConfig, run_linear_eval
@@ -104,6 +105,28 @@ def test_other_probes_from_a_checkpoint(synthetic_data_dir: Path, tracking_store
     assert 0 <= result["test_top1"] <= result["test_top5"] <= 1
 
 
+def test_a_probe_reading_two_maps_logs_a_classifier_that_loads_back(
+    synthetic_data_dir: Path, tracking_store: str, tmp_path: Path
+) -> None:
+    encoder = tiny_encoder(seed=9)
+    path = write_checkpoint(tmp_path / "moco.pt", encoder)
+    cfg = LinearEvalConfig(encoder=str(path), feature_maps=2, data_dir=str(synthetic_data_dir), embedding="none",
+                           fit=FitConfig(epochs=5, lr=1e-2, progress=False))  # fmt: skip
+    result = run_linear_eval(cfg)
+    run = MlflowClient().get_run(result["run_id"])
+    assert run.data.params["feature_maps"] == "2" and run.data.params["feature_grid"] == "2"
+    model_dir = tracking.fetch_model_files(result["classifier_uri"], str(tmp_path)).local_dir
+    spec = json.loads((model_dir / "extra_files" / "spec.json").read_text())
+    # 2x2 cells of the last map's 4w channels and of the 14x14 map's 2w channels
+    assert spec["feature_maps"] == 2 and spec["feature_dim"] == (encoder.feature_dim + encoder.feature_dim // 2) * 4
+    classifier = mlflow.pytorch.load_model(result["classifier_uri"])
+    mnist = load_mnist(synthetic_data_dir)
+    digits = classifier(to_unit(mnist.test_images)).argmax(1)
+    assert float((digits == mnist.test_labels).float().mean()) == pytest.approx(result["test_top1"], abs=1e-6)
+    again, _ = resolve_encoder(result["classifier_uri"])  # the spec's feature_dim checked against two maps
+    assert same_weights(again, encoder)
+
+
 @pytest.mark.parametrize(
     "args, option",
     [
@@ -113,6 +136,7 @@ def test_other_probes_from_a_checkpoint(synthetic_data_dir: Path, tracking_store
         (["--knn-temperature", "0"], "--knn-temperature"),
         (["--standardize", "maybe"], "--standardize"),
         (["--feature-grid", "5"], "--feature-grid"),
+        (["--feature-maps", "3"], "--feature-maps"),
         (["--encoder", "/no/such/moco.pt"], "--encoder"),
     ],
 )

@@ -99,7 +99,7 @@ def test_nearest_positive_is_the_most_similar_queued_key_and_leaves_the_negative
     chosen = torch.tensor([3, 17, 3])
     k = F.normalize(queue.T[chosen] + 0.05 * torch.randn(3, 8, generator=generator), dim=1)
     q = F.normalize(torch.randn(3, 8, generator=generator), dim=1)
-    loss, logits = info_nce(q, k, queue, temperature=0.5, nearest=True)
+    loss, logits = info_nce(q, k, queue, temperature=0.5, nearest=1)
     assert torch.allclose(logits[:, 0], (q * queue.T[chosen]).sum(1) / 0.5, atol=1e-6)
     assert torch.isinf(logits[torch.arange(3), 1 + chosen]).all()
     others = torch.ones(3, 20, dtype=torch.bool)
@@ -108,6 +108,28 @@ def test_nearest_positive_is_the_most_similar_queued_key_and_leaves_the_negative
     assert torch.isfinite(loss)
     own_loss, own_logits = info_nce(q, k, queue, temperature=0.5)
     assert torch.allclose(own_logits[:, 0], (q * k).sum(1) / 0.5, atol=1e-6) and own_loss != loss
+
+
+def test_several_nearest_positives_are_each_scored_against_the_other_keys():
+    generator = torch.Generator().manual_seed(1)
+    queue = F.normalize(torch.randn(8, 20, generator=generator), dim=0)
+    k = F.normalize(torch.randn(3, 8, generator=generator), dim=1)
+    q = F.normalize(torch.randn(3, 8, generator=generator), dim=1)
+    loss, logits = info_nce(q, k, queue, temperature=0.5, nearest=3)
+    top = (k @ queue).topk(3, dim=1).indices
+    similarity = q @ queue / 0.5
+    # written out: for each positive j, -log(e^s_j / (e^s_j + sum of e^s_n over the 17 other keys))
+    others = torch.ones(3, 20, dtype=torch.bool).scatter(1, top, False)
+    negatives = (similarity.exp() * others).sum(1, keepdim=True)
+    positives = similarity.gather(1, top)
+    expected = (torch.log(positives.exp() + negatives) - positives).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.allclose(logits[:, 0], similarity.gather(1, top[:, :1]).squeeze(1), atol=1e-6)  # the closest
+    assert torch.isinf(logits).sum(1).eq(3).all()  # every positive left the negatives
+    one, _ = info_nce(q, k, queue, temperature=0.5, nearest=1)
+    assert one.item() != pytest.approx(loss.item())
+    with pytest.raises(ValueError, match="no negatives"):
+        info_nce(q, k, queue, temperature=0.5, nearest=20)
 
 
 def test_moco_with_nearest_positives_trains_the_query_encoder():
@@ -119,6 +141,11 @@ def test_moco_with_nearest_positives_trains_the_query_encoder():
     assert all(p.grad is not None for p in model.query_parameters())
     with pytest.raises(ValueError, match="positive"):
         tiny_moco(positive="neighbour")
+    with pytest.raises(ValueError, match="nearest_k"):
+        tiny_moco(k=16, positive="nearest", nearest_k=16)
+    several = tiny_moco(k=16, dim=4, bn_splits=2, positive="nearest", nearest_k=4)
+    loss, logits = several(x, x.flip(-1), 0.99, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and torch.isinf(logits).sum(1).eq(4).all()
 
 
 def test_key_encoder_gets_no_gradients_and_query_encoder_does():

@@ -2,10 +2,11 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fewshot.device import place
 from fewshot.errors import UserError
-from fewshot.models import ReportCNN, build_classifier, build_encoder, with_feature_grid
+from fewshot.models import ReportCNN, TwoMapReadout, build_classifier, build_encoder, with_feature_grid
 
 
 @pytest.mark.parametrize("name, n_params", [("mlp1", 477_898), ("mlp2", 109_770), ("cnn", 168_074)])
@@ -76,3 +77,25 @@ def test_place_makes_convolutions_channels_last_without_changing_outputs(name: s
         rebuilt = build_classifier(name).eval()
         rebuilt.load_state_dict(model.state_dict())
         assert torch.allclose(rebuilt(x), plain(x), atol=1e-5)
+
+
+def test_two_maps_append_the_finer_map_pooled_to_the_same_grid() -> None:
+    torch.manual_seed(0)
+    encoder = build_encoder("digit", 8).eval()
+    read = with_feature_grid(encoder, 2, maps=2)
+    assert isinstance(read, TwoMapReadout) and read.feature_dim == (32 + 16) * 4
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        features = read(x)
+        finer = encoder.body[:14](x)  # through the 14x14 blocks, before the last max-pool
+        last = encoder.body[:-2](x)  # the 7x7 map, before the global pool
+    assert finer.shape[-1] == 14 and last.shape[-1] == 7
+    expected = torch.cat([F.adaptive_avg_pool2d(last, 2).flatten(1), F.adaptive_avg_pool2d(finer, 2).flatten(1)], 1)
+    assert torch.allclose(features, expected, atol=1e-6)
+    assert torch.allclose(features[:, :128], with_feature_grid(encoder, 2)(x), atol=1e-6)  # the last map as grid 2
+    assert read.state_dict().keys() == encoder.state_dict().keys()  # weights load into it by the encoder's names
+    assert with_feature_grid(encoder, 1, maps=2)(x).shape == (3, 48)
+    with pytest.raises(UserError, match="--feature-maps 2"):
+        with_feature_grid(build_encoder("resnet18"), 2, maps=2)
+    with pytest.raises(UserError, match="--feature-maps 3"):
+        with_feature_grid(encoder, 2, maps=3)

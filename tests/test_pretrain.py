@@ -56,6 +56,8 @@ def without_timing(history: list[dict[str, float]]) -> list[dict[str, float]]:
         ({"bn_splits": 3}, "--bn-splits 3"),
         ({"augment": "flips"}, "--augment"),
         ({"positive": "neighbour"}, "--positive neighbour"),
+        ({"positive": "nearest", "nearest_k": 0}, "--nearest-k 0"),
+        ({"positive": "nearest", "nearest_k": 4096}, "--nearest-k 4096"),  # no negatives would be left
     ],
 )
 def test_bad_settings_are_refused_naming_the_option(change, option):
@@ -81,12 +83,14 @@ def test_pretrain_reports_epochs_and_returns_a_plain_encoder(data, tmp_path):
 
 
 def test_nearest_positives_train_another_encoder_from_the_same_start(data, tmp_path):
-    own_key = pretrain(tiny(tmp_path, epochs=1), *data)
-    nearest = pretrain(tiny(tmp_path, epochs=1, positive="nearest"), *data)
+    own_key = pretrain(tiny(tmp_path, epochs=1, positive="key"), *data)
+    nearest = pretrain(tiny(tmp_path, epochs=1, positive="nearest", nearest_k=1), *data)
     assert 0 < nearest.history[-1]["loss"] < 20
     assert own_key.history[-1]["loss"] != nearest.history[-1]["loss"]
     state, other = own_key.encoder.state_dict(), nearest.encoder.state_dict()
     assert any(not torch.equal(state[name], other[name]) for name in state)
+    five = pretrain(tiny(tmp_path, epochs=1, positive="nearest", nearest_k=5), *data)
+    assert five.history[-1]["loss"] not in (own_key.history[-1]["loss"], nearest.history[-1]["loss"])
 
 
 def test_on_epoch_exceptions_propagate(data, tmp_path):

@@ -30,7 +30,7 @@ from fewshot.hpo.folds import LabeledSet, Split, make_splits
 from fewshot.linear_head import FeatureSet, cached_features, encode, train_linear_head
 from fewshot.models import build_classifier, with_feature_grid
 from fewshot.pretrain import PretrainConfig, pretrain, selection_score
-from fewshot.probe import DEFAULT_FEATURE_GRID
+from fewshot.probe import DEFAULT_FEATURE_GRID, default_feature_maps
 from fewshot.semisup import RANDOM_INIT, SemisupConfig, SemisupData, prepare_model, train_semisup
 from fewshot.train import FitConfig, evaluate_loss, fit
 
@@ -117,7 +117,8 @@ class LinearTarget:
         self.folds = cfg.folds
         self.measure = _measure(cfg.folds)
         self.encoder, self.source = resolve_encoder(cfg.encoder)
-        self.encoder = place(with_feature_grid(self.encoder, DEFAULT_FEATURE_GRID), data.device).eval()
+        maps = default_feature_maps("linear", self.source.arch)  # linear_eval's read-out
+        self.encoder = place(with_feature_grid(self.encoder, DEFAULT_FEATURE_GRID, maps), data.device).eval()
         started = time.perf_counter()
         self.features = encode(self.encoder, data.labeled.x)  # the labeled images only, once
         self.feature_seconds = time.perf_counter() - started
@@ -305,7 +306,8 @@ class MocoTarget:
 
     def report_winner(self, params: dict[str, Any], trial: optuna.trial.FrozenTrial, mnist: MNIST) -> WinnerReport:
         """The winner's encoder (from its trial run) with a default linear probe, on the test set."""
-        encoder = with_feature_grid(resolve_encoder(trial.user_attrs["model_uri"])[0], DEFAULT_FEATURE_GRID)
+        encoder, source = resolve_encoder(trial.user_attrs["model_uri"])
+        encoder = with_feature_grid(encoder, DEFAULT_FEATURE_GRID, default_feature_maps("linear", source.arch))
         features = cached_features(encoder, mnist, self.data.draw, self.data.device)
         cfg = FitConfig(epochs=300, lr=3e-3, batch_size=75, progress=False)
         generator = torch.Generator(self.data.device).manual_seed(self.data.seed)

@@ -35,7 +35,7 @@ class PretrainConfig:
 
     arch: str = "digit"
     width: int = 32
-    epochs: int = 4
+    epochs: int = 12
     batch_size: int = 256
     lr: float = 0.06
     weight_decay: float = 5e-4
@@ -47,7 +47,10 @@ class PretrainConfig:
     moco_dim: int = 128
     mlp: bool = True
     symmetric: bool = False
-    positive: str = "key"  # "nearest": NNCLR's nearest-neighbour positives from the queue
+    # a query's positives: the 5 queued keys nearest its own key (NNCLR's, several), not the key itself ("key");
+    # with 12 epochs the labels' repeated CV pick (stop 26, docs/design-decisions.md#moco-pretraining)
+    positive: str = "nearest"
+    nearest_k: int = 5
     bn_splits: int = 8
     augment: str = "digits"
     augment_strength: float = 1.0
@@ -83,6 +86,8 @@ class PretrainConfig:
         need(0.01 <= self.moco_t <= 10, f"--moco-t {self.moco_t}: must be between 0.01 and 10 (0.07-0.2 are usual)")
         need(2 <= self.moco_dim <= 4096, f"--moco-dim {self.moco_dim}: must be between 2 and 4096")
         need(self.positive in POSITIVES, f"--positive {self.positive}: choose one of {', '.join(POSITIVES)}")
+        need(1 <= self.nearest_k < self.moco_k,
+             f"--nearest-k {self.nearest_k}: must be at least 1 and below --moco-k {self.moco_k}")  # fmt: skip
         need(self.bn_splits >= 1, f"--bn-splits {self.bn_splits}: must be >= 1")
         if world_size == 1:
             need(
@@ -107,6 +112,6 @@ class PretrainConfig:
     # settings a resumed run must share with its checkpoint (the rest may change)
     RESUME_KEYS = (
         "arch", "width", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "moco_k", "moco_m",
-        "m_schedule", "moco_t", "moco_dim", "mlp", "symmetric", "positive", "bn_splits", "augment", "augment_strength",
-        "seed", "labels_per_class", "n_labels", "max_steps_per_epoch", "precision",
+        "m_schedule", "moco_t", "moco_dim", "mlp", "symmetric", "positive", "nearest_k", "bn_splits", "augment",
+        "augment_strength", "seed", "labels_per_class", "n_labels", "max_steps_per_epoch", "precision",
     )  # fmt: skip

@@ -117,7 +117,7 @@ class MocoTrainer:
         model = MoCo(
             build_encoder(cfg.arch, cfg.width), dim=cfg.moco_dim, k=cfg.moco_k, temperature=cfg.moco_t, mlp=cfg.mlp,
             symmetric=cfg.symmetric, bn_splits=1 if self.world > 1 else cfg.bn_splits, generator=init_gen,
-            positive=cfg.positive,
+            positive=cfg.positive, nearest_k=cfg.nearest_k,
         ).to(device)  # fmt: skip
         # channels-last where the convolutions run bf16 (CUDA, a bf16 CPU); the CPU fp32 path stays NCHW
         self.memory_format = torch.channels_last if self.cuda or self.precision.bf16 else torch.contiguous_format
