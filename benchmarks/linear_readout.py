@@ -17,8 +17,8 @@ features it is trained on:
 The pool transforms read pool images only (never a pool label). The figure a variant could be
 chosen by is stratified 5-fold cross-validation over each draw's 100 labels, the folds of `hpo`'s
 objective (`fewshot.hpo.folds.make_splits`; views of an image stay in its fold, only plain images are
-scored); test top-1 on the full 10,000 images is printed beside
-it for the record.
+scored), averaged over ``--fold-repeats`` fold draws; test top-1 on the full 10,000 images is printed
+beside it for the record.
 
     python benchmarks/linear_readout.py --encoder models:/fewshot-moco-encoder@champion
     python benchmarks/linear_readout.py --encoder ckpt.pt --draws 0 --epochs 20 --views 2   # smoke test
@@ -127,7 +127,9 @@ def draw_rows(
     draw = draw_labels(mnist.train_labels, seed)
     labeled = torch.cat([draw.train_idx, draw.val_idx])
     images, y = to_unit(mnist.train_images[labeled]), mnist.train_labels[labeled]
-    splits = make_splits(LabeledSet(images, y, len(draw.train_idx)), FOLDS, seed)  # the hpo objective's folds
+    labeled_set = LabeledSet(images, y, len(draw.train_idx))
+    # the hpo objective's folds; repeat r draws them again with seed + 1000 r (r = 0: hpo's own)
+    fold_draws = [make_splits(labeled_set, FOLDS, seed + 1000 * r) for r in range(args.fold_repeats)]
     maps = pooled_maps(encoder, images, precision)
     pool = pooled_maps(encoder, to_unit(mnist.train_images[draw.unlabeled_idx[:POOL_IMAGES]]), precision)["last"]
     rows = []
@@ -146,10 +148,11 @@ def draw_rows(
         ys = y.repeat(repeats)
         rows.append({
             "draw": seed, "variant": variant, "feature_dim": x.shape[1],
-            "cv_top1": cross_validated(x, ys, splits, own_scaling, args.epochs, seed),
+            "cv_top1": sum(cross_validated(x, ys, splits, own_scaling, args.epochs, seed) for splits in fold_draws)
+            / len(fold_draws),
             "test_top1": head_accuracy(x, ys, x_test, mnist.test_labels, own_scaling, args.epochs, seed),
         })  # fmt: skip
-        print(f"draw {seed} {variant:18s} cv {100 * rows[-1]['cv_top1']:.0f}  test {100 * rows[-1]['test_top1']:.2f}",
+        print(f"draw {seed} {variant:18s} cv {100 * rows[-1]['cv_top1']:.1f}  test {100 * rows[-1]['test_top1']:.2f}",
               flush=True)  # fmt: skip
     return rows
 
@@ -175,6 +178,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--views", type=int, default=16, help="augmented copies of each labeled image")
     parser.add_argument("--epochs", type=int, default=1000, help="linear head epochs (linear_eval's default)")
+    parser.add_argument("--fold-repeats", type=int, default=1,
+                        help="average the 5-fold CV over this many fold draws (less fold noise)")  # fmt: skip
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/linear_readout.csv"))
     args = parser.parse_args()
