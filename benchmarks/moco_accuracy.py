@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--moco-t", type=float, default=defaults.moco_t)
     parser.add_argument("--moco-m", type=float, default=defaults.moco_m)
     parser.add_argument("--augment", default=defaults.augment)
+    parser.add_argument("--augment-strength", type=float, default=defaults.augment_strength)
     parser.add_argument("--positive", default=defaults.positive, help="key, or nearest (NNCLR's positives)")
     parser.add_argument("--nearest-k", type=int, default=defaults.nearest_k, help="with --positive nearest: positives")
     parser.add_argument("--symmetric", action="store_true", help="both views as queries (twice the cost a step)")
@@ -140,7 +141,8 @@ def main() -> None:
     configure_threads()
     cfg = PretrainConfig(
         arch=args.arch, width=args.width, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        moco_k=args.moco_k, moco_t=args.moco_t, moco_m=args.moco_m, augment=args.augment, seed=args.seed,
+        moco_k=args.moco_k, moco_t=args.moco_t, moco_m=args.moco_m, augment=args.augment,
+        augment_strength=args.augment_strength, seed=args.seed,
         positive=args.positive, nearest_k=args.nearest_k, symmetric=args.symmetric, data_dir=args.data_dir,
         device=args.device, knn_test=False, max_steps_per_epoch=args.max_steps, checkpoint_minutes=0,
     )  # fmt: skip
